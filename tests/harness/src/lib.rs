@@ -8,14 +8,16 @@
 //! - PostgreSQL refuses to run as root, so when the harness runs as root every server-side command
 //!   (initdb, pg_ctl, pg_basebackup) runs as the `postgres` user through `runuser`, and the directories
 //!   it creates are handed to that user. Clients (psql, pg_regress, Rust drivers) run as the caller.
-//! - The extension is not built here: `cargo pgrx install` (run by scripts/test and scripts/demo) puts it
-//!   into the PostgreSQL installation, and the harness refuses to start a cluster that needs it when it
-//!   is missing, rather than failing later with a confusing error.
+//! - The extension is not built here: `cargo pgrx install` puts it into the PostgreSQL installation that
+//!   `PG_CONFIG` names (scripts/test uses a private tree per checkout, see `install`), and the harness
+//!   refuses to start a cluster that needs it when it is missing, rather than failing later.
 
 mod cluster;
+mod install;
 mod os;
 mod redis;
 
 pub use cluster::{Cluster, ClusterBuilder, StopMode};
+pub use install::private_install;
 pub use os::{pg_bindir, pg_regress_path, process_alive};
 pub use redis::Redis;

@@ -1,5 +1,6 @@
 //! Command-line face of the harness, for the shell scripts:
 //! - `ts-cluster start DIR` / `ts-cluster stop DIR`: the demo's long-lived cluster;
+//! - `ts-cluster pg-install DIR`: a private PostgreSQL installation tree for one checkout;
 //! - `ts-cluster regress ...`: the pg_regress suite against a throwaway cluster
 //!   (`cargo pgrx regress` cannot run as root).
 
@@ -23,6 +24,13 @@ enum Action {
     Start { dir: PathBuf },
     /// Stop the cluster kept in DIR, if one runs there.
     Stop { dir: PathBuf },
+    /// Build or refresh a private PostgreSQL installation tree in DIR; print its pg_config.
+    PgInstall {
+        dir: PathBuf,
+        /// The system installation to mirror.
+        #[arg(long, default_value = "/usr/lib/postgresql/15/bin/pg_config")]
+        from: PathBuf,
+    },
     /// Run a pg_regress schedule against a throwaway cluster that preloads tenant_scale.
     Regress {
         /// Directory holding sql/ and expected/.
@@ -58,6 +66,9 @@ fn run(action: Action) -> Result<ExitCode> {
             if !Cluster::stop_in_dir(&dir)? {
                 eprintln!("ts-cluster: no server running in {}", dir.display());
             }
+        }
+        Action::PgInstall { dir, from } => {
+            println!("{}", tenant_scale_harness::private_install(&dir, &from)?.display());
         }
         Action::Regress { inputdir, outputdir, schedule } => {
             return regress(&inputdir, &outputdir, &schedule);
