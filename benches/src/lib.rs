@@ -1,0 +1,166 @@
+//! Shared pieces of the benchmark runners in `src/bin/`.
+//!
+//! These machines are noisy, so no runner reports an absolute time on its own: every variant is run
+//! in interleaved rounds (A, B, A, B, ...) against the same data, and what is reported is the median,
+//! over rounds, of each variant's ratio to the baseline measured in the same round.
+//!
+//! Runners are started through `benches/run NAME`, which installs a release build of the extension
+//! into a private PostgreSQL tree and points `PG_CONFIG` at it before the runner starts.
+
+use std::io::Write;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tenant_scale_harness::{Cluster, pg_bindir};
+
+/// One pgbench run: a custom script (pgbench syntax) against `cluster`, `clients` connections on as
+/// many threads, for `duration`. Returns transactions per second. pgbench stops a client at its first
+/// SQL error, so scripts must not fail.
+pub fn pgbench(cluster: &Cluster, script: &str, clients: u32, duration: Duration) -> Result<f64> {
+    let mut file = tempfile::Builder::new().prefix("tenant_scale-bench-").suffix(".sql").tempfile()?;
+    file.write_all(script.as_bytes())?;
+    let output = Command::new(pg_bindir()?.join("pgbench"))
+        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .arg("-p")
+        .arg(cluster.port().to_string())
+        .arg("-c")
+        .arg(clients.to_string())
+        .arg("-j")
+        .arg(clients.to_string())
+        .arg("-T")
+        .arg(duration.as_secs().max(1).to_string())
+        .arg("-f")
+        .arg(file.path())
+        .output()
+        .context("running pgbench")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!("pgbench failed:\n{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    }
+    parse_tps(&stdout).with_context(|| format!("no tps line in pgbench output:\n{stdout}"))
+}
+
+/// The `tps = N (without initial connection time)` figure of a pgbench report.
+fn parse_tps(report: &str) -> Option<f64> {
+    report
+        .lines()
+        .find(|line| line.starts_with("tps = ") && line.contains("without initial connection time"))?
+        .strip_prefix("tps = ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Measurements of several variants of one workload over interleaved rounds. The first variant is
+/// the baseline the others are compared with, round by round.
+pub struct Comparison {
+    workload: String,
+    variants: Vec<(String, Vec<f64>)>,
+    unit: &'static str,
+}
+
+impl Comparison {
+    /// `unit` names what the figures are ("tps", "ms").
+    pub fn new(workload: &str, variants: &[&str], unit: &'static str) -> Self {
+        Comparison {
+            workload: workload.to_string(),
+            variants: variants.iter().map(|name| (name.to_string(), Vec::new())).collect(),
+            unit,
+        }
+    }
+
+    /// Runs `rounds` rounds; in each, `measure(variant_index)` is called for every variant in order.
+    pub fn run(&mut self, rounds: usize, mut measure: impl FnMut(usize) -> Result<f64>) -> Result<()> {
+        for _ in 0..rounds {
+            for index in 0..self.variants.len() {
+                let figure = measure(index)?;
+                self.variants[index].1.push(figure);
+            }
+        }
+        Ok(())
+    }
+
+    /// Median over rounds of `variant / baseline`, for the variant at `index`.
+    pub fn median_ratio(&self, index: usize) -> f64 {
+        let baseline = &self.variants[0].1;
+        let ratios: Vec<f64> =
+            self.variants[index].1.iter().zip(baseline).map(|(figure, base)| figure / base).collect();
+        median(&ratios)
+    }
+
+    /// One line per variant: every round's figure, the median, and the median ratio to the baseline.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        for (index, (name, figures)) in self.variants.iter().enumerate() {
+            let runs: Vec<String> = figures.iter().map(|figure| format!("{figure:.1}")).collect();
+            out.push_str(&format!(
+                "{}: {name}: {} [{}] median {:.1}; median ratio to {} {:.3}x\n",
+                self.workload,
+                self.unit,
+                runs.join(", "),
+                median(figures),
+                self.variants[0].0,
+                self.median_ratio(index)
+            ));
+        }
+        out
+    }
+}
+
+/// The first lines of every runner's output, for benches/RESULTS.md: when, on what, against what.
+pub fn machine_header() -> Result<String> {
+    let shell = |command: &str| -> Result<String> {
+        let output = Command::new("sh").arg("-c").arg(command).output()?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    };
+    let postgres = Command::new(pg_bindir()?.join("postgres")).arg("--version").output()?;
+    Ok(format!(
+        "date: {}
+machine: {} cores, {}, {} memory
+postgres: {}
+",
+        shell("date -u '+%Y-%m-%d %H:%M UTC'")?,
+        shell("nproc")?,
+        shell("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2")?,
+        shell("free -g | awk '/^Mem:/ {print $2 \" GiB\"}'")?,
+        String::from_utf8_lossy(&postgres.stdout).trim()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tps_is_read_from_the_line_without_connection_time() {
+        let report = "number of failed transactions: 0 (0.000%)\nlatency average = 1.2 ms\n\
+                      initial connection time = 3.1 ms\ntps = 812.5 (without initial connection time)\n";
+        assert_eq!(parse_tps(report), Some(812.5));
+        assert_eq!(parse_tps("tps = 1 (including connections establishing)\n"), None);
+    }
+
+    #[test]
+    fn ratios_are_taken_round_by_round_before_the_median() {
+        let mut comparison = Comparison::new("w", &["plain", "ext"], "tps");
+        let figures = [100.0, 95.0, 50.0, 48.0, 200.0, 180.0];
+        let mut next = figures.iter();
+        comparison.run(3, |_| Ok(*next.next().unwrap())).unwrap();
+        // Rounds gave ratios 0.95, 0.96, 0.90: the median is 0.95 although the medians of the raw
+        // figures (100 and 95) would say the same only by chance.
+        assert!((comparison.median_ratio(1) - 0.95).abs() < 1e-9);
+        assert!(comparison.report().contains("median ratio to plain 0.950x"));
+        assert_eq!(median(&[3.0, 1.0, 2.0, 4.0]), 2.5);
+    }
+}
