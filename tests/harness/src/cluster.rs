@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::os::{
-    children_of, free_port, give_to_server_user, is_zombie, kill, pg_install, process_alive, run,
-    scratch_dir, server_command, tail, wait_until,
+    children_of, free_port, give_to_server_user, is_zombie, kill, pg_install, process_alive,
+    record_server_pid, run, scratch_dir, server_command, tail, wait_until,
 };
 
 const EXTENSION: &str = "tenant_scale";
@@ -231,6 +231,9 @@ impl Cluster {
         match started {
             Ok(_) => {
                 self.running = true;
+                if let Some(pid) = self.postmaster_pid() {
+                    record_server_pid(pid);
+                }
                 Ok(())
             }
             Err(error) => Err(error.context(format!("server log:\n{}", tail(&self.log_path(), 30)))),

@@ -127,6 +127,15 @@ fn server_user_ids() -> Result<(u32, u32)> {
     Ok(unsafe { ((*entry).pw_uid, (*entry).pw_gid) })
 }
 
+/// Records a server the harness started in the directory `TENANT_SCALE_PID_DIR` names (set by
+/// scripts/test), so that the suite can tell afterwards whether anything it started outlived it without
+/// mistaking another checkout's servers for its own. Nothing is recorded when the variable is unset.
+pub(crate) fn record_server_pid(pid: u32) {
+    if let Some(dir) = std::env::var_os("TENANT_SCALE_PID_DIR") {
+        let _ = fs::write(Path::new(&dir).join(pid.to_string()), "");
+    }
+}
+
 /// True while `pid` is a live process (a zombie, dead but not reaped, counts as gone).
 pub fn process_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {

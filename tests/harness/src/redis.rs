@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::os::{free_port, scratch_dir, tail, wait_until};
+use crate::os::{free_port, record_server_pid, scratch_dir, tail, wait_until};
 
 pub struct Redis {
     dir: tempfile::TempDir,
@@ -65,6 +65,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .context("starting redis-server (installed by scripts/setup)")?;
+        record_server_pid(child.id());
         self.child = Some(child);
         if !wait_until(Duration::from_secs(20), || self.answers_ping()) {
             self.stop();
