@@ -6,6 +6,9 @@
 
 use pgrx::prelude::*;
 
+mod elevated;
+mod hook_chain;
+mod quota;
 mod shmem;
 
 pgrx::pg_module_magic!(name, version);
@@ -17,7 +20,10 @@ const GUC_PREFIX: &std::ffi::CStr = c"tenant_scale";
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     shmem::note_library_load();
+    quota::register_gucs();
     reserve_guc_prefix();
+    quota::register_shared_memory();
+    quota::install_hooks();
 }
 
 fn reserve_guc_prefix() {

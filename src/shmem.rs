@@ -12,7 +12,6 @@
 //! or `_PG_init` itself before) reserves their bytes and named LWLock tranches; the shmem startup hook
 //! runs each region's `init` under `AddinShmemInitLock`, in the postmaster at start and again after
 //! every crash restart, and backends inherit the resulting pointers through fork.
-#![expect(dead_code, reason = "quota counters and per-company statistics declare the first regions")]
 
 use std::ffi::CStr;
 use std::sync::Mutex;

@@ -66,14 +66,20 @@ pub(crate) fn running_as_root() -> bool {
 }
 
 /// A command for a PostgreSQL server-side program, run as the server user when we are root.
+///
+/// A server never has Rust's backtrace switches set in production; a developer's shell often has,
+/// and pgrx would then append a backtrace to the DETAIL of the extension's errors. Servers run
+/// without them so that every test sees what users see.
 pub(crate) fn server_command(program: &Path) -> Command {
-    if running_as_root() {
+    let mut command = if running_as_root() {
         let mut command = Command::new("runuser");
         command.args(["-u", SERVER_USER, "--"]).arg(program);
         command
     } else {
         Command::new(program)
-    }
+    };
+    command.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
+    command
 }
 
 /// Runs a command to completion; a non-zero exit becomes an error carrying its output.

@@ -96,5 +96,11 @@ fn regress(inputdir: &Path, outputdir: &Path, schedule: &Path) -> Result<ExitCod
     if let Ok(diffs) = std::fs::read_to_string(outputdir.join("regression.diffs")) {
         eprintln!("{diffs}");
     }
+    let log = std::fs::read_to_string(cluster.log_path()).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    eprintln!("--- last lines of the server log ---");
+    for line in tail.iter().rev() {
+        eprintln!("{line}");
+    }
     Ok(ExitCode::FAILURE)
 }

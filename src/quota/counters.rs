@@ -1,0 +1,411 @@
+//! Shared counters, one per (database, quota, company): the mode used when tenant_scale is preloaded.
+//!
+//! Invariants:
+//! - `used` is the company's committed rows plus the rows that transactions in flight have reserved.
+//!   A reservation is one compare-and-swap that never takes `used` past the limit, so two
+//!   transactions can never both take the last row, and no writer waits for another's commit.
+//!   Deleted rows are given back only when the deleting transaction commits.
+//! - The table's rows are the truth and a counter only caches their count. A counter is built by
+//!   counting the company's rows with a snapshot taken after the entry exists in the BUILDING state,
+//!   by exactly one backend while the others wait; nobody reserves on an entry that is not READY.
+//! - Every transaction with unsettled changes on a counter holds a pin on it until it settles at
+//!   commit or abort. Only unpinned entries are evicted, so no change can be missing from a count
+//!   that rebuilds an evicted counter.
+//! - `lock`, one LWLock, protects the hash table's structure: lookups take it shared (pinning what
+//!   they find), creation and eviction take it exclusive. Counter fields are atomics, changed without
+//!   the lock; a pin is only ever taken under the lock, so an unpinned entry seen under the exclusive
+//!   lock stays unpinned until the lock is released.
+//! - Memory is fixed at start: `tenant_scale.max_quota_counters` entries. When all are pinned at
+//!   once, a new counter cannot be created and the insert fails with SQLSTATE 53200 and a HINT.
+
+use std::cell::Cell;
+use std::mem::size_of;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+use pgrx::pg_sys;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+use super::company::CounterKey;
+use crate::shmem::Region;
+
+static MAX_COUNTERS: GucSetting<i32> = GucSetting::<i32>::new(50_000);
+
+pub(super) fn register_gucs() {
+    GucRegistry::define_int_guc(
+        c"tenant_scale.max_quota_counters",
+        c"Number of (table, company) row counters kept in shared memory.",
+        c"Each costs about 150 bytes. When all are in use, the least recently used counter nobody is \
+          writing to is dropped and rebuilt from the table when needed again; only when every counter \
+          is in use by transactions in flight at once does an insert fail.",
+        &MAX_COUNTERS,
+        16,
+        100_000_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+}
+
+pub(super) static REGION: Region<Counters> = Region::new(c"tenant_scale_quota", shared_size, 1, init);
+
+const EMPTY: u32 = 0;
+const BUILDING: u32 = 1;
+const READY: u32 = 2;
+
+#[repr(C)]
+pub(super) struct Counter {
+    /// First, as the shared hash table requires.
+    key: CounterKey,
+    used: AtomicI64,
+    reserved: AtomicI64,
+    pins: AtomicU32,
+    state: AtomicU32,
+    last_use: AtomicU64,
+}
+
+pub(super) struct Counters {
+    lock: *mut pg_sys::LWLock,
+    table: *mut pg_sys::HTAB,
+    capacity: i64,
+    clock: AtomicU64,
+    evicted: AtomicU64,
+}
+
+// SAFETY: the raw pointers point into shared memory (the LWLock, the hash table header inherited by
+// every backend through fork) and are only dereferenced under the locking rules above.
+unsafe impl Sync for Counters {}
+
+fn shared_size() -> usize {
+    // SAFETY: size arithmetic helpers that report overflow as an error.
+    unsafe {
+        pg_sys::add_size(
+            size_of::<Counters>(),
+            pg_sys::hash_estimate_size(MAX_COUNTERS.get().into(), size_of::<Counter>()),
+        )
+    }
+}
+
+unsafe fn init(locks: *mut pg_sys::LWLockPadded) -> *mut Counters {
+    let capacity = i64::from(MAX_COUNTERS.get());
+    // SAFETY: called by shmem.rs from the shmem startup hook with AddinShmemInitLock held; the hash
+    // table's keys are plain bytes (HASH_BLOBS) of a padding-free struct.
+    unsafe {
+        let mut found = false;
+        let counters =
+            pg_sys::ShmemInitStruct(c"tenant_scale_quota root".as_ptr(), size_of::<Counters>(), &mut found)
+                .cast::<Counters>();
+        let mut info: pg_sys::HASHCTL = std::mem::zeroed();
+        info.keysize = size_of::<CounterKey>();
+        info.entrysize = size_of::<Counter>();
+        let table = pg_sys::ShmemInitHash(
+            c"tenant_scale_quota counters".as_ptr(),
+            capacity,
+            capacity,
+            &mut info,
+            (pg_sys::HASH_ELEM | pg_sys::HASH_BLOBS) as i32,
+        );
+        if !found {
+            counters.write(Counters {
+                lock: &raw mut (*locks).lock,
+                table,
+                capacity,
+                clock: AtomicU64::new(0),
+                evicted: AtomicU64::new(0),
+            });
+        }
+        counters
+    }
+}
+
+/// Shared counters when the library was preloaded; None selects the mode without shared memory.
+pub(super) fn shared() -> Option<&'static Counters> {
+    REGION.try_get()
+}
+
+thread_local! {
+    /// The counter this backend is building, so that an error during the count hands it back.
+    static BUILDING_HERE: Cell<*const Counter> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Called on (sub)transaction abort: a build interrupted by an error is left for another backend.
+pub(super) fn abandon_build() {
+    let counter = BUILDING_HERE.with(|building| building.replace(std::ptr::null()));
+    // SAFETY: a non-null pointer was set while the entry was pinned by this transaction, which has not
+    // settled yet (abort callbacks run before the ledger unpins).
+    if let Some(counter) = unsafe { counter.as_ref() } {
+        counter.state.store(EMPTY, Ordering::Release);
+    }
+}
+
+impl Counters {
+    /// Finds or creates the counter of `key` and pins it for this transaction. None when every
+    /// counter is pinned by a transaction in flight.
+    pub fn pin(&self, key: &CounterKey) -> Option<&'static Counter> {
+        // SAFETY: hash_search under the lock as documented at the top of the file.
+        unsafe {
+            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_SHARED);
+            let found = self.find(key);
+            if let Some(counter) = found {
+                self.pin_found(counter);
+            }
+            pg_sys::LWLockRelease(self.lock);
+            if found.is_some() {
+                return found;
+            }
+
+            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let counter = self.find(key).or_else(|| self.create(key));
+            if let Some(counter) = counter {
+                self.pin_found(counter);
+            }
+            pg_sys::LWLockRelease(self.lock);
+            counter
+        }
+    }
+
+    unsafe fn find(&self, key: &CounterKey) -> Option<&'static Counter> {
+        let mut found = false;
+        // SAFETY: the caller holds the lock; the key is a padding-free struct of keysize bytes.
+        unsafe {
+            let entry = pg_sys::hash_search(
+                self.table,
+                std::ptr::from_ref(key).cast(),
+                pg_sys::HASHACTION::HASH_FIND,
+                &mut found,
+            );
+            entry.cast::<Counter>().as_ref()
+        }
+    }
+
+    unsafe fn create(&self, key: &CounterKey) -> Option<&'static Counter> {
+        // SAFETY: the caller holds the lock exclusively.
+        unsafe {
+            if pg_sys::hash_get_num_entries(self.table) >= self.capacity {
+                self.evict();
+            }
+            if pg_sys::hash_get_num_entries(self.table) >= self.capacity {
+                return None;
+            }
+            let mut found = false;
+            let entry = pg_sys::hash_search(
+                self.table,
+                std::ptr::from_ref(key).cast(),
+                pg_sys::HASHACTION::HASH_ENTER_NULL,
+                &mut found,
+            )
+            .cast::<Counter>();
+            if entry.is_null() {
+                return None;
+            }
+            // dynahash copied the key; the other fields are ours to initialise.
+            (&raw mut (*entry).used).write(AtomicI64::new(0));
+            (&raw mut (*entry).reserved).write(AtomicI64::new(0));
+            (&raw mut (*entry).pins).write(AtomicU32::new(0));
+            (&raw mut (*entry).state).write(AtomicU32::new(EMPTY));
+            (&raw mut (*entry).last_use).write(AtomicU64::new(0));
+            entry.as_ref()
+        }
+    }
+
+    fn pin_found(&self, counter: &Counter) {
+        counter.pins.fetch_add(1, Ordering::AcqRel);
+        counter.last_use.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Drops the least recently used tenth of the unpinned counters (at least one), so that the
+    /// sort this costs is paid once per many creations. Caller holds the lock exclusively.
+    unsafe fn evict(&self) {
+        let mut candidates: Vec<(u64, *const Counter)> = Vec::new();
+        // SAFETY: sequential scan and removal under the exclusive lock.
+        unsafe {
+            self.for_each_locked(|counter| {
+                if counter.pins.load(Ordering::Acquire) == 0
+                    && counter.state.load(Ordering::Acquire) != BUILDING
+                {
+                    candidates.push((counter.last_use.load(Ordering::Relaxed), counter));
+                }
+            });
+            candidates.sort_unstable_by_key(|(last_use, _)| *last_use);
+            let victims = (self.capacity / 10).max(1) as usize;
+            for (_, counter) in candidates.into_iter().take(victims) {
+                self.remove_locked(&(*counter).key);
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    unsafe fn remove_locked(&self, key: &CounterKey) {
+        let mut found = false;
+        // SAFETY: caller holds the lock exclusively.
+        unsafe {
+            pg_sys::hash_search(
+                self.table,
+                std::ptr::from_ref(key).cast(),
+                pg_sys::HASHACTION::HASH_REMOVE,
+                &mut found,
+            );
+        }
+    }
+
+    unsafe fn for_each_locked(&self, mut visit: impl FnMut(&'static Counter)) {
+        // SAFETY: caller holds the lock; a full scan (no early exit) needs no hash_seq_term.
+        unsafe {
+            let mut scan: pg_sys::HASH_SEQ_STATUS = std::mem::zeroed();
+            pg_sys::hash_seq_init(&mut scan, self.table);
+            while let Some(counter) = pg_sys::hash_seq_search(&mut scan).cast::<Counter>().as_ref() {
+                visit(counter);
+            }
+        }
+    }
+
+    /// Committed rows and in-flight reservations of a built counter, without pinning it.
+    pub fn peek(&self, key: &CounterKey) -> Option<(i64, i64)> {
+        // SAFETY: lookup under the shared lock.
+        unsafe {
+            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_SHARED);
+            let seen = self.find(key).filter(|counter| counter.state.load(Ordering::Acquire) == READY).map(
+                |counter| {
+                    let reserved = counter.reserved.load(Ordering::Acquire);
+                    (counter.used.load(Ordering::Acquire) - reserved, reserved)
+                },
+            );
+            pg_sys::LWLockRelease(self.lock);
+            seen
+        }
+    }
+
+    /// Forgets every counter of a quota (after TRUNCATE or drop_quota commits): they are rebuilt from
+    /// the table on next use. Called at commit, while the table's lock still excludes every writer.
+    pub fn forget_quota(&self, database: pg_sys::Oid, quota_id: i64) {
+        // SAFETY: scan and removal under the exclusive lock.
+        unsafe {
+            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let mut doomed = Vec::new();
+            self.for_each_locked(|counter| {
+                if counter.key.quota_id() == quota_id && counter.key.database() == database {
+                    doomed.push(counter);
+                }
+            });
+            for counter in doomed {
+                if counter.pins.load(Ordering::Acquire) == 0 {
+                    self.remove_locked(&counter.key);
+                } else {
+                    counter.state.store(EMPTY, Ordering::Release);
+                }
+            }
+            pg_sys::LWLockRelease(self.lock);
+        }
+    }
+
+    /// Sets every built, unpinned counter of a quota to the row count `actual` gives for its key
+    /// (zero when absent), returning (key, counter before, actual) for each one corrected. The caller
+    /// holds a lock on the table that excludes writers, so no counter of it is in flight.
+    pub fn correct_quota(
+        &self,
+        database: pg_sys::Oid,
+        quota_id: i64,
+        actual: impl Fn(&CounterKey) -> i64,
+    ) -> Vec<(CounterKey, i64, i64)> {
+        let mut corrected = Vec::new();
+        // SAFETY: scan under the exclusive lock, so no counter is pinned or created meanwhile.
+        unsafe {
+            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            self.for_each_locked(|counter| {
+                let ours = counter.key.quota_id() == quota_id && counter.key.database() == database;
+                if !ours
+                    || counter.state.load(Ordering::Acquire) != READY
+                    || counter.pins.load(Ordering::Acquire) != 0
+                {
+                    return;
+                }
+                let expected = actual(&counter.key);
+                let before = counter.used.swap(expected, Ordering::AcqRel);
+                counter.reserved.store(0, Ordering::Release);
+                if before != expected {
+                    corrected.push((counter.key, before, expected));
+                }
+            });
+            pg_sys::LWLockRelease(self.lock);
+        }
+        corrected
+    }
+
+    /// (counters in use, capacity, evicted since start), for health checks.
+    pub fn usage(&self) -> (i64, i64, u64) {
+        // SAFETY: reading the entry count under the shared lock.
+        let entries = unsafe {
+            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_SHARED);
+            let entries = pg_sys::hash_get_num_entries(self.table);
+            pg_sys::LWLockRelease(self.lock);
+            entries
+        };
+        (entries, self.capacity, self.evicted.load(Ordering::Relaxed))
+    }
+}
+
+impl Counter {
+    /// Waits until the counter is built, building it with `count` if nobody else is. `count` must
+    /// count the company's rows with a snapshot taken now (after the entry exists), not before.
+    pub fn ensure_built(&'static self, count: impl FnOnce() -> i64) {
+        let mut count = Some(count);
+        loop {
+            match self.state.load(Ordering::Acquire) {
+                READY => return,
+                EMPTY => {
+                    if self
+                        .state
+                        .compare_exchange(EMPTY, BUILDING, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    BUILDING_HERE.with(|building| building.set(self));
+                    let rows = count.take().map_or(0, |count| count());
+                    self.used.store(rows + self.reserved.load(Ordering::Acquire), Ordering::Release);
+                    BUILDING_HERE.with(|building| building.set(std::ptr::null()));
+                    self.state.store(READY, Ordering::Release);
+                    return;
+                }
+                _ => {
+                    // Another backend is counting; its count takes milliseconds.
+                    // SAFETY: plain sleep; interrupts (cancel, terminate) are honoured between naps.
+                    unsafe { pg_sys::pg_usleep(1_000) };
+                    pgrx::check_for_interrupts!();
+                }
+            }
+        }
+    }
+
+    /// Reserves `rows` unless that would take the counter past `limit` (None: unlimited). On refusal
+    /// returns what is used now (committed plus in flight).
+    pub fn try_reserve(&self, rows: i64, limit: Option<i64>) -> Result<(), i64> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                limit.is_none_or(|limit| used + rows <= limit).then_some(used + rows)
+            })
+            .map(|_| {
+                self.reserved.fetch_add(rows, Ordering::AcqRel);
+            })
+    }
+
+    /// Gives back reservations that will not be inserted (abort, or rows an upsert did not insert).
+    pub fn release(&self, rows: i64) {
+        self.used.fetch_sub(rows, Ordering::AcqRel);
+        self.reserved.fetch_sub(rows, Ordering::AcqRel);
+    }
+
+    /// Commit: reserved rows became committed rows; deleted rows free their places. Then unpins.
+    pub fn settle_commit(&self, inserted: i64, deleted: i64) {
+        self.reserved.fetch_sub(inserted, Ordering::AcqRel);
+        self.used.fetch_sub(deleted, Ordering::AcqRel);
+        self.unpin();
+    }
+
+    pub fn unpin(&self) {
+        self.pins.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Rows used now: committed plus reserved in flight.
+    pub fn used(&self) -> i64 {
+        self.used.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,517 @@
+//! This transaction's changes to quota counters, and their settling.
+//!
+//! For each (quota, company) the transaction changes, a `Touch` holds the counter it works on (see
+//! `Held`), the limit that applies, and its inserted and deleted rows per subtransaction, so that
+//! ROLLBACK TO SAVEPOINT and errors caught by a subtransaction give back exactly what they took.
+//! The transaction callbacks settle everything: at commit, reservations become committed rows and
+//! deletions free their places; at abort, reservations are given back. PREPARE TRANSACTION is
+//! refused while the transaction holds quota changes: a prepared transaction outlives the backend
+//! that would settle it.
+//!
+//! TRUNCATE: the truncating transaction holds the only lock on the table until it ends, so after a
+//! TRUNCATE its own view of the table is the whole truth, and its later changes are counted privately
+//! (`Exclusive`). At commit the table's shared counters are forgotten and rebuilt from the table on
+//! next use. Changes made before the TRUNCATE are kept until then, because ROLLBACK TO SAVEPOINT can
+//! undo the TRUNCATE and bring their rows back: touches are keyed by how many truncations of their
+//! table precede them.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use rustc_hash::FxHashMap;
+
+use super::company::CounterKey;
+use super::config::{self, Config, Limit, QuotaDef};
+use super::count::{Seeing, count_added_by_command, count_rows};
+use super::counters::{self, Counter};
+use super::refusal::raise_quota_exceeded;
+use super::slow;
+use super::statement::{self, Noted};
+
+#[derive(Clone, Copy)]
+pub(super) enum Change {
+    /// A new row, or an existing one moved here from another company. Refused (53400) past the
+    /// limit, except within an upsert, which decides once it has run (its proposed rows may turn out
+    /// to be conflicts that take no place).
+    Insert,
+    /// A row deleted, or moved to another company: its place is free once the transaction commits.
+    Delete,
+}
+
+enum Held {
+    /// A pinned shared counter: inserts are reserved on it at once, deletes wait for the commit.
+    Shared(&'static Counter),
+    /// A usage row this transaction has locked (no shared memory); `committed` was read under the lock.
+    Row { committed: i64 },
+    /// A table this transaction truncated; `base` is what it saw when it first touched the company.
+    Exclusive { base: i64 },
+}
+
+struct Frame {
+    subtransaction: pg_sys::SubTransactionId,
+    inserted: i64,
+    deleted: i64,
+}
+
+struct Touch {
+    def: Rc<QuotaDef>,
+    company: String,
+    held: Held,
+    /// The subtransaction that first touched the company: if it aborts, everything here goes.
+    origin: pg_sys::SubTransactionId,
+    limit: Limit,
+    limit_generation: u64,
+    frames: Vec<Frame>,
+    /// Rows the current statement (command) has reserved, for the refusal's DETAIL.
+    statement_rows: (pg_sys::CommandId, i64),
+    /// Set when a change came from a statement the executor hooks did not see (the library was
+    /// loaded in the middle of it): its upsert, if it was one, could not be settled, so the
+    /// company is recounted before commit (only possible without shared memory).
+    recount_at_commit: bool,
+}
+
+impl Touch {
+    fn inserted(&self) -> i64 {
+        self.frames.iter().map(|frame| frame.inserted).sum()
+    }
+
+    fn deleted(&self) -> i64 {
+        self.frames.iter().map(|frame| frame.deleted).sum()
+    }
+
+    /// Rows that count against the limit now, for this transaction.
+    fn used(&self) -> i64 {
+        match self.held {
+            Held::Shared(counter) => counter.used(),
+            Held::Row { committed } => committed + self.inserted(),
+            Held::Exclusive { base } => base + self.inserted() - self.deleted(),
+        }
+    }
+
+    fn try_reserve(&mut self, rows: i64) -> Result<(), i64> {
+        match self.held {
+            Held::Shared(counter) => counter.try_reserve(rows, self.limit.max_rows),
+            Held::Row { .. } | Held::Exclusive { .. } => {
+                let used = self.used();
+                if self.limit.max_rows.is_none_or(|max_rows| used + rows <= max_rows) {
+                    Ok(())
+                } else {
+                    Err(used)
+                }
+            }
+        }
+    }
+
+    fn frame(&mut self, subtransaction: pg_sys::SubTransactionId) -> &mut Frame {
+        if self.frames.last().is_none_or(|frame| frame.subtransaction != subtransaction) {
+            self.frames.push(Frame { subtransaction, inserted: 0, deleted: 0 });
+        }
+        self.frames.last_mut().expect("pushed above")
+    }
+
+    /// Gives back reservations that will not become rows.
+    fn give_back(&self, rows: i64) {
+        if let Held::Shared(counter) = self.held {
+            counter.release(rows);
+        }
+    }
+
+    /// Abort of the whole touch: reservations given back, pin released.
+    fn abandon(self) {
+        if let Held::Shared(counter) = self.held {
+            counter.release(self.inserted());
+            counter.unpin();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// Keyed by quota id, truncation count and company text.
+    touches: FxHashMap<Vec<u8>, Touch>,
+    /// (quota id, subtransaction) of every TRUNCATE so far.
+    truncations: Vec<(i64, pg_sys::SubTransactionId)>,
+}
+
+thread_local! {
+    static LEDGER: RefCell<Ledger> = RefCell::new(Ledger::default());
+}
+
+impl Ledger {
+    fn truncations_of(&self, quota_id: i64) -> u32 {
+        self.truncations.iter().filter(|(quota, _)| *quota == quota_id).count() as u32
+    }
+
+    fn key(&self, quota_id: i64, company: &[u8]) -> Vec<u8> {
+        let mut key = Vec::with_capacity(12 + company.len());
+        key.extend_from_slice(&quota_id.to_le_bytes());
+        key.extend_from_slice(&self.truncations_of(quota_id).to_le_bytes());
+        key.extend_from_slice(company);
+        key
+    }
+}
+
+/// Applies one row's change to the counter of (quota of `def`, `company`). `company_datum` is the
+/// company as a value of the column's type. Raises 53400 for an insert past the limit.
+pub(super) fn record_row(
+    config: &Config,
+    def: &Rc<QuotaDef>,
+    company: &[u8],
+    company_datum: pg_sys::Datum,
+    change: Change,
+) {
+    let company_text = String::from_utf8_lossy(company);
+    // SAFETY: a plain accessor of the transaction state.
+    let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let in_upsert = statement::in_upsert();
+    let refused = LEDGER.with(|ledger| {
+        let mut ledger = ledger.borrow_mut();
+        let key = ledger.key(def.quota_id, company);
+        if !ledger.touches.contains_key(&key) {
+            let truncated = ledger.truncations_of(def.quota_id) > 0;
+            open_touch(
+                &mut ledger,
+                config,
+                def,
+                &company_text,
+                company_datum,
+                key.clone(),
+                truncated,
+                subtransaction,
+            );
+        }
+        let touch = ledger.touches.get_mut(&key).expect("opened above");
+        if touch.limit_generation != config::generation() {
+            touch.limit = config.limit(&company_text, &def.resource);
+            touch.limit_generation = config::generation();
+        }
+        if !statement::executor_hooks_saw_statement() {
+            touch.recount_at_commit = true;
+        }
+        match change {
+            Change::Delete => {
+                touch.frame(subtransaction).deleted += 1;
+                statement::note(&key, def, &company_text, Noted::MovedOut);
+                None
+            }
+            Change::Insert => {
+                // SAFETY: a plain accessor of the transaction state.
+                let command = unsafe { pg_sys::GetCurrentCommandId(false) };
+                if touch.statement_rows.0 != command {
+                    touch.statement_rows = (command, 0);
+                }
+                match touch.try_reserve(1) {
+                    Ok(()) => {
+                        touch.frame(subtransaction).inserted += 1;
+                        touch.statement_rows.1 += 1;
+                        statement::note(&key, def, &company_text, Noted::Reserved);
+                        None
+                    }
+                    Err(_) if in_upsert => {
+                        statement::note(&key, def, &company_text, Noted::Deferred);
+                        None
+                    }
+                    Err(used) => Some((touch.limit.clone(), used, touch.statement_rows.1)),
+                }
+            }
+        }
+    });
+    if let Some((limit, used, reserved_by_statement)) = refused {
+        raise_quota_exceeded(config, &company_text, &def.resource, &limit, used, reserved_by_statement, 1);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn open_touch(
+    ledger: &mut Ledger,
+    config: &Config,
+    def: &Rc<QuotaDef>,
+    company: &str,
+    company_datum: pg_sys::Datum,
+    key: Vec<u8>,
+    truncated: bool,
+    subtransaction: pg_sys::SubTransactionId,
+) {
+    let limit = config.limit(company, &def.resource);
+    let held = if truncated {
+        Held::Exclusive { base: count_rows(config, def, company_datum, company, Seeing::Ours) }
+    } else if let Some(shared) = counters::shared() {
+        // SAFETY: MyDatabaseId is set for the life of a backend connected to a database.
+        let database = unsafe { pg_sys::MyDatabaseId };
+        let counter = shared.pin(&CounterKey::new(database, def.quota_id, company.as_bytes())).unwrap_or_else(|| {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
+                "no free tenant_scale quota counter",
+                function_name!(),
+            )
+            .set_detail(format!(
+                "All {} counters are in use by transactions in flight.",
+                shared.usage().1
+            ))
+            .set_hint("Increase tenant_scale.max_quota_counters (requires a restart), or change fewer companies per transaction.")
+            .report(PgLogLevel::ERROR);
+            unreachable!()
+        });
+        Held::Shared(counter)
+    } else {
+        Held::Row { committed: slow::lock_committed_count(config, def, company_datum, company) }
+    };
+    let shared = if let Held::Shared(counter) = held { Some(counter) } else { None };
+    ledger.touches.insert(
+        key,
+        Touch {
+            def: def.clone(),
+            company: company.to_string(),
+            held,
+            origin: subtransaction,
+            limit,
+            limit_generation: config::generation(),
+            frames: Vec::new(),
+            statement_rows: (pg_sys::InvalidCommandId, 0),
+            recount_at_commit: false,
+        },
+    );
+    // Built only once the touch holds the pin, so that an error while counting still unpins it.
+    if let Some(counter) = shared {
+        counter.ensure_built(|| count_rows(config, def, company_datum, company, Seeing::Committed));
+    }
+}
+
+/// A TRUNCATE of the quota's table, in the current subtransaction.
+pub(super) fn record_truncate(config: &Config, def: &QuotaDef) {
+    // SAFETY: a plain accessor of the transaction state.
+    let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    LEDGER.with(|ledger| ledger.borrow_mut().truncations.push((def.quota_id, subtransaction)));
+    if counters::shared().is_none() {
+        // Transactional, so undone with the TRUNCATE if it is rolled back.
+        slow::forget_quota(config, def.quota_id);
+    }
+}
+
+/// True while this transaction holds unsettled changes to the quota `quota_id`.
+pub(super) fn holds_changes(quota_id: i64) -> bool {
+    LEDGER.with(|ledger| {
+        let ledger = ledger.borrow();
+        ledger.touches.values().any(|touch| touch.def.quota_id == quota_id)
+            || ledger.truncations.iter().any(|(quota, _)| *quota == quota_id)
+    })
+}
+
+/// Settles an upsert once it has run: its reservations are replaced by the places it really took,
+/// the rows it added to the company plus those it moved away (which are freed only at commit, like
+/// deletes). ON CONFLICT skipped or updated the other proposed rows. Raises 53400 when the places
+/// taken exceed the limit.
+pub(super) fn settle_upsert(
+    config: &Config,
+    noted: Vec<statement::UpsertEntry>,
+    command_id: pg_sys::CommandId,
+) {
+    // SAFETY: a plain accessor of the transaction state.
+    let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    for entry in noted.into_iter().filter(|entry| entry.reserved > 0 || entry.deferred > 0) {
+        let Some(company_datum) = entry.def.company_datum(&entry.company) else { continue };
+        let added = count_added_by_command(config, &entry.def, company_datum, &entry.company, command_id);
+        let inserted = added + entry.moved_out;
+        let refused = LEDGER.with(|ledger| {
+            let mut ledger = ledger.borrow_mut();
+            let touch = ledger.touches.get_mut(&entry.key)?;
+            if inserted < entry.reserved {
+                let unused = entry.reserved - inserted;
+                touch.give_back(unused);
+                touch.frame(subtransaction).inserted -= unused;
+                None
+            } else if inserted > entry.reserved {
+                let needed = inserted - entry.reserved;
+                match touch.try_reserve(needed) {
+                    Ok(()) => {
+                        touch.frame(subtransaction).inserted += needed;
+                        None
+                    }
+                    Err(used) => Some((touch.limit.clone(), used, needed)),
+                }
+            } else {
+                None
+            }
+        });
+        if let Some((limit, used, needed)) = refused {
+            raise_quota_exceeded(
+                config,
+                &entry.company,
+                &entry.def.resource,
+                &limit,
+                used,
+                entry.reserved,
+                needed,
+            );
+        }
+    }
+}
+
+pub(super) fn register_callbacks() {
+    // SAFETY: registers plain functions for the life of the backend.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(transaction_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subtransaction_event), std::ptr::null_mut());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn transaction_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => refuse_prepare(),
+        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT => write_back_locked_counts(),
+        pg_sys::XactEvent::XACT_EVENT_COMMIT => settle_commit(),
+        pg_sys::XactEvent::XACT_EVENT_ABORT => settle_abort(),
+        _ => {}
+    }
+}
+
+fn refuse_prepare() {
+    let holds = LEDGER.with(|ledger| {
+        let ledger = ledger.borrow();
+        !ledger.touches.is_empty() || !ledger.truncations.is_empty()
+    });
+    if holds {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "cannot PREPARE a transaction that changed tables under tenant_scale quotas",
+            function_name!(),
+        )
+        .set_detail("A prepared transaction outlives the session that holds its quota reservations.")
+        .set_hint("Commit the transaction without two-phase commit, or make the quota-enforced changes in a transaction of their own.")
+        .report(PgLogLevel::ERROR);
+    }
+}
+
+/// Without shared memory, the new counts go into the usage rows this transaction has locked, while
+/// it can still fail.
+fn write_back_locked_counts() {
+    if counters::shared().is_some() {
+        return;
+    }
+    // A truncated table's usage rows were deleted with the TRUNCATE: nothing to write for it.
+    let writes: Vec<_> = LEDGER.with(|ledger| {
+        let ledger = ledger.borrow();
+        let truncated = |quota_id: i64| ledger.truncations.iter().any(|(quota, _)| *quota == quota_id);
+        ledger
+            .touches
+            .values()
+            .filter_map(|touch| match touch.held {
+                Held::Row { committed } if !truncated(touch.def.quota_id) => Some((
+                    touch.def.clone(),
+                    touch.company.clone(),
+                    committed + touch.inserted() - touch.deleted(),
+                    touch.recount_at_commit,
+                )),
+                _ => None,
+            })
+            .collect()
+    });
+    if writes.is_empty() {
+        return;
+    }
+    let config = config::current();
+    for (def, company, rows, recount) in writes {
+        let rows = match (recount, def.company_datum(&company)) {
+            (true, Some(datum)) => count_rows(&config, &def, datum, &company, Seeing::Ours),
+            _ => rows,
+        };
+        slow::write_committed_count(&config, def.quota_id, &company, rows);
+    }
+}
+
+fn settle_commit() {
+    statement::reset();
+    let ledger = LEDGER.with(|ledger| ledger.take());
+    let truncated = |quota_id: i64| ledger.truncations.iter().any(|(quota, _)| *quota == quota_id);
+    for touch in ledger.touches.into_values() {
+        if let Held::Shared(counter) = touch.held {
+            if truncated(touch.def.quota_id) {
+                // Its rows went with the TRUNCATE; the counters are forgotten below anyway.
+                counter.release(touch.inserted());
+                counter.unpin();
+            } else {
+                counter.settle_commit(touch.inserted(), touch.deleted());
+            }
+        }
+    }
+    if let Some(shared) = counters::shared() {
+        // SAFETY: MyDatabaseId is set for the life of a backend connected to a database.
+        let database = unsafe { pg_sys::MyDatabaseId };
+        for (quota_id, _) in &ledger.truncations {
+            shared.forget_quota(database, *quota_id);
+        }
+    }
+}
+
+fn settle_abort() {
+    statement::reset();
+    counters::abandon_build();
+    let ledger = LEDGER.with(|ledger| ledger.take());
+    for touch in ledger.touches.into_values() {
+        touch.abandon();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subtransaction_event(
+    event: pg_sys::SubXactEvent::Type,
+    subtransaction: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    match event {
+        pg_sys::SubXactEvent::SUBXACT_EVENT_START_SUB => statement::subtransaction_started(subtransaction),
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
+            statement::subtransaction_committed(subtransaction);
+            LEDGER.with(|ledger| {
+                let mut ledger = ledger.borrow_mut();
+                for touch in ledger.touches.values_mut() {
+                    if touch.origin == subtransaction {
+                        touch.origin = parent;
+                    }
+                    if touch.frames.last().is_some_and(|frame| frame.subtransaction == subtransaction) {
+                        let frame = touch.frames.pop().expect("checked above");
+                        let merged = touch.frame(parent);
+                        merged.inserted += frame.inserted;
+                        merged.deleted += frame.deleted;
+                    }
+                }
+                for (_, truncated_in) in ledger.truncations.iter_mut() {
+                    if *truncated_in == subtransaction {
+                        *truncated_in = parent;
+                    }
+                }
+            })
+        }
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+            statement::subtransaction_aborted(subtransaction);
+            counters::abandon_build();
+            LEDGER.with(|ledger| {
+                let mut ledger = ledger.borrow_mut();
+                let abandoned: Vec<Vec<u8>> = ledger
+                    .touches
+                    .iter()
+                    .filter(|(_, touch)| touch.origin == subtransaction)
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for key in abandoned {
+                    if let Some(touch) = ledger.touches.remove(&key) {
+                        touch.abandon();
+                    }
+                }
+                for touch in ledger.touches.values_mut() {
+                    if touch.frames.last().is_some_and(|frame| frame.subtransaction == subtransaction) {
+                        let frame = touch.frames.pop().expect("checked above");
+                        touch.give_back(frame.inserted);
+                    }
+                }
+                ledger.truncations.retain(|(_, truncated_in)| *truncated_in != subtransaction);
+            });
+        }
+        _ => {}
+    }
+}
