@@ -6,8 +6,10 @@
 //!   transactions can never both take the last row, and no writer waits for another's commit.
 //!   Deleted rows are given back only when the deleting transaction commits.
 //! - The table's rows are the truth and a counter only caches their count. A counter is built by
-//!   counting the company's rows with a snapshot taken after the entry exists in the BUILDING state,
-//!   by exactly one backend while the others wait; nobody reserves on an entry that is not READY.
+//!   counting the company's rows with a snapshot taken after the entry exists, by exactly one backend
+//!   while the others wait; nobody reserves on an entry that is not READY. Builders and waiters meet
+//!   on a heavyweight lock (an advisory lock tag, `objsubid` 29556 in pg_locks), never a spin, so the
+//!   deadlock detector sees a wait for a build like any other lock wait.
 //! - Every transaction with unsettled changes on a counter holds a pin on it until it settles at
 //!   commit or abort. Only unpinned entries are evicted, so no change can be missing from a count
 //!   that rebuilds an evicted counter.
@@ -30,7 +32,12 @@ use crate::shmem::Region;
 
 static MAX_COUNTERS: GucSetting<i32> = GucSetting::<i32>::new(50_000);
 
+/// Only while preloading: PostgreSQL refuses (FATAL) to define a postmaster-level setting in a
+/// backend that loads the library on demand, and without shared memory there are no counters to size.
 pub(super) fn register_gucs() {
+    if !crate::shmem::is_preloaded() {
+        return;
+    }
     GucRegistry::define_int_guc(
         c"tenant_scale.max_quota_counters",
         c"Number of (table, company) row counters kept in shared memory.",
@@ -342,36 +349,43 @@ impl Counters {
     }
 }
 
+/// LOCKTAG field4 of the build locks, to tell them from user advisory locks (which use 1 and 2).
+const BUILD_LOCK_TAG: u16 = 0x7374;
+
 impl Counter {
-    /// Waits until the counter is built, building it with `count` if nobody else is. `count` must
+    /// Waits until the counter is built, building it with `count` if nobody else has. `count` must
     /// count the company's rows with a snapshot taken now (after the entry exists), not before.
     pub fn ensure_built(&'static self, count: impl FnOnce() -> i64) {
-        let mut count = Some(count);
-        loop {
-            match self.state.load(Ordering::Acquire) {
-                READY => return,
-                EMPTY => {
-                    if self
-                        .state
-                        .compare_exchange(EMPTY, BUILDING, Ordering::AcqRel, Ordering::Acquire)
-                        .is_err()
-                    {
-                        continue;
-                    }
-                    BUILDING_HERE.with(|building| building.set(self));
-                    let rows = count.take().map_or(0, |count| count());
-                    self.used.store(rows + self.reserved.load(Ordering::Acquire), Ordering::Release);
-                    BUILDING_HERE.with(|building| building.set(std::ptr::null()));
-                    self.state.store(READY, Ordering::Release);
-                    return;
-                }
-                _ => {
-                    // Another backend is counting; its count takes milliseconds.
-                    // SAFETY: plain sleep; interrupts (cancel, terminate) are honoured between naps.
-                    unsafe { pg_sys::pg_usleep(1_000) };
-                    pgrx::check_for_interrupts!();
-                }
-            }
+        if self.state.load(Ordering::Acquire) == READY {
+            return;
+        }
+        let tag = self.build_lock_tag();
+        // SAFETY: a transaction-level lock on a tag of our own, released below or at abort.
+        unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, false) };
+        if self.state.load(Ordering::Acquire) != READY {
+            self.state.store(BUILDING, Ordering::Release);
+            BUILDING_HERE.with(|building| building.set(self));
+            let rows = count();
+            self.used.store(rows + self.reserved.load(Ordering::Acquire), Ordering::Release);
+            BUILDING_HERE.with(|building| building.set(std::ptr::null()));
+            self.state.store(READY, Ordering::Release);
+        }
+        // SAFETY: releasing the lock taken above.
+        unsafe { pg_sys::LockRelease(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false) };
+    }
+
+    fn build_lock_tag(&self) -> pg_sys::LOCKTAG {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = rustc_hash::FxHasher::default();
+        self.key.hash(&mut hasher);
+        let hash = hasher.finish();
+        pg_sys::LOCKTAG {
+            locktag_field1: self.key.database().into(),
+            locktag_field2: (hash >> 32) as u32,
+            locktag_field3: hash as u32,
+            locktag_field4: BUILD_LOCK_TAG,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+            locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
         }
     }
 

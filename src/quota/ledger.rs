@@ -413,6 +413,9 @@ fn write_back_locked_counts() {
     if writes.is_empty() {
         return;
     }
+    // The statement's snapshot is gone by pre-commit; SPI needs one.
+    // SAFETY: pushed here and popped below, within the transaction.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     let config = config::current();
     for (def, company, rows, recount) in writes {
         let rows = match (recount, def.company_datum(&company)) {
@@ -421,6 +424,8 @@ fn write_back_locked_counts() {
         };
         slow::write_committed_count(&config, def.quota_id, &company, rows);
     }
+    // SAFETY: pops the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
 }
 
 fn settle_commit() {

@@ -160,8 +160,14 @@ impl Cluster {
     }
 
     pub fn connect(&self) -> Result<postgres::Client> {
-        postgres::Client::connect(&self.connstr(), postgres::NoTls)
-            .with_context(|| format!("connecting to the cluster on port {}", self.port))
+        self.connect_as("postgres", "postgres")
+    }
+
+    /// A connection as `user` to `database` (authentication is trust, so any existing role works).
+    pub fn connect_as(&self, user: &str, database: &str) -> Result<postgres::Client> {
+        let connstr = format!("host=127.0.0.1 port={} user={user} dbname={database}", self.port);
+        postgres::Client::connect(&connstr, postgres::NoTls)
+            .with_context(|| format!("connecting to {database} as {user} on port {}", self.port))
     }
 
     /// Runs SQL through psql (stops at the first error) and returns its unaligned, tuples-only output.
