@@ -10,6 +10,7 @@ mod elevated;
 mod hook_chain;
 mod quota;
 mod shmem;
+mod unguarded;
 
 pgrx::pg_module_magic!(name, version);
 

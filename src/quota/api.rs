@@ -324,15 +324,14 @@ fn quota_status(
         .quotas()
         .map(|def| {
             let used = rows_used(&config, def, company);
-            let limit = config.limit(company, &def.resource);
+            let limit = config.limit(company, def);
             let remaining = limit.max_rows.map(|max_rows| (max_rows - used).max(0));
             let percent_used = limit.max_rows.map(|max_rows| {
                 let percent = if max_rows == 0 { 100.0 } else { used as f64 * 100.0 / max_rows as f64 };
                 format!("{percent:.1}").parse::<AnyNumeric>().expect("a formatted number parses")
             });
-            let upgrade = config.upgrade(&limit.plan, &def.resource, limit.max_rows);
-            let (upgrade_plan, upgrade_max_rows) = match upgrade {
-                Some((plan, max_rows)) => (Some(plan), max_rows),
+            let (upgrade_plan, upgrade_max_rows) = match config.upgrade(def, limit) {
+                Some((plan, max_rows)) => (Some(plan.to_string()), max_rows),
                 None => (None, None),
             };
             (
@@ -341,7 +340,7 @@ fn quota_status(
                 limit.max_rows,
                 remaining,
                 percent_used,
-                limit.plan,
+                config.plan_name(limit.plan).to_string(),
                 upgrade_plan,
                 upgrade_max_rows,
             )
@@ -372,7 +371,7 @@ fn quota_check(company_id: Option<&str>, resource: Option<&str>, n: default!(Opt
             }),
         );
     };
-    let limit = config.limit(company, resource);
+    let limit = config.limit(company, &def);
     let used = rows_used(&config, &def, company) + rows_in_flight(&def, company);
     limit.max_rows.is_none_or(|max_rows| used + n <= max_rows)
 }

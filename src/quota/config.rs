@@ -13,13 +13,13 @@
 //! time: a change to it forgets the company plans without reloading the rest.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::ffi::CString;
 use std::rc::Rc;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use rustc_hash::FxHashMap;
 
 use super::company::TextForm;
 use crate::elevated::{OrRaise, as_extension_owner, qualified_relation_name, quote_identifier};
@@ -55,6 +55,8 @@ pub(super) struct QuotaDef {
     /// too, so that types whose equality is looser than their text (numeric scale, citext) still count
     /// exactly the rows whose text is the counter's key.
     pub count_sql: String,
+    /// The resource's limit under each plan, by plan index (None: unlimited).
+    limits_by_plan: Vec<Option<i64>>,
     input_function: pg_sys::Oid,
     input_ioparam: pg_sys::Oid,
 }
@@ -80,10 +82,11 @@ impl QuotaDef {
     }
 }
 
-/// A limit as it applies to one company.
-#[derive(Clone, Debug)]
+/// A limit as it applies to one company: its plan (an index into the configuration's plans, see
+/// `Config::plan_name`) and that plan's limit for the resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Limit {
-    pub plan: String,
+    pub plan: usize,
     /// None: unlimited.
     pub max_rows: Option<i64>,
 }
@@ -91,15 +94,14 @@ pub(super) struct Limit {
 pub(super) struct Config {
     /// The extension's owner: internal SQL runs as this role.
     pub owner: pg_sys::Oid,
-    quotas: HashMap<pg_sys::Oid, Rc<QuotaDef>>,
-    /// (plan, rank), by rank.
-    plans: Vec<(String, i32)>,
-    limits: HashMap<(String, String), Option<i64>>,
+    quotas: FxHashMap<pg_sys::Oid, Rc<QuotaDef>>,
+    /// Plan names by rank; a plan's index here is how limits refer to it.
+    plans: Vec<String>,
     /// Tables whose invalidation means this cache is stale.
     watched: Vec<pg_sys::Oid>,
     companies_relid: pg_sys::Oid,
-    /// Plans of companies looked up so far; None: not listed (default plan).
-    company_plans: RefCell<HashMap<String, Option<String>>>,
+    /// Plans (indexes) of companies looked up so far; None: not listed (default plan).
+    company_plans: RefCell<FxHashMap<String, Option<usize>>>,
     /// Holds the function lookup data of the text forms; deleted with the configuration.
     _memory: ConfigMemory,
 }
@@ -221,35 +223,31 @@ fn load() -> Config {
                 .ok()
                 .flatten()
                 .unwrap_or(pg_sys::InvalidOid);
-            let plans = client
-                .select("SELECT plan, rank FROM tenant_scale.plans ORDER BY rank", None, &[])
+            let plans: Vec<String> = client
+                .select("SELECT plan FROM tenant_scale.plans ORDER BY rank", None, &[])
                 .or_raise("reading the plans")
-                .filter_map(|row| Some((row.get::<String>(1).ok()??, row.get::<i32>(2).ok()??)))
+                .filter_map(|row| row.get::<String>(1).ok().flatten())
                 .collect();
-            let limits = client
+            let limits: Vec<(String, String, Option<i64>)> = client
                 .select("SELECT plan, resource, max_rows FROM tenant_scale.plan_limits", None, &[])
                 .or_raise("reading the plan limits")
                 .filter_map(|row| {
-                    Some((
-                        (row.get::<String>(1).ok()??, row.get::<String>(2).ok()??),
-                        row.get::<i64>(3).ok()?,
-                    ))
+                    Some((row.get::<String>(1).ok()??, row.get::<String>(2).ok()??, row.get::<i64>(3).ok()?))
                 })
                 .collect();
             let quotas = client
                 .select(QUOTA_DEFS_SQL, None, &[])
                 .or_raise("reading the quotas")
-                .filter_map(|row| quota_def(&row, &memory))
+                .filter_map(|row| quota_def(&row, &memory, &plans, &limits))
                 .map(|def| (def.relid, Rc::new(def)))
                 .collect();
             Config {
                 owner,
                 quotas,
                 plans,
-                limits,
                 watched,
                 companies_relid,
-                company_plans: RefCell::new(HashMap::new()),
+                company_plans: RefCell::new(FxHashMap::default()),
                 _memory: memory,
             }
         })
@@ -281,8 +279,23 @@ const QUOTA_DEFS_SQL: &str = "
         LIMIT 1
     ) eq ON true";
 
-fn quota_def(row: &pgrx::spi::SpiHeapTupleData, memory: &ConfigMemory) -> Option<QuotaDef> {
+fn quota_def(
+    row: &pgrx::spi::SpiHeapTupleData,
+    memory: &ConfigMemory,
+    plans: &[String],
+    limits: &[(String, String, Option<i64>)],
+) -> Option<QuotaDef> {
     let relid = row.get::<pg_sys::Oid>(1).ok()??;
+    let resource = row.get::<String>(3).ok()??;
+    let limits_by_plan = plans
+        .iter()
+        .map(|plan| {
+            limits
+                .iter()
+                .find(|(of, limited, _)| of == plan && *limited == resource)
+                .and_then(|(_, _, rows)| *rows)
+        })
+        .collect();
     let column = row.get::<String>(4).ok()??;
     let company_type = row.get::<pg_sys::Oid>(6).ok()??;
     let relation = qualified_relation_name(relid)?;
@@ -303,12 +316,13 @@ fn quota_def(row: &pgrx::spi::SpiHeapTupleData, memory: &ConfigMemory) -> Option
         quota_id: row.get::<i64>(2).ok()??,
         relid,
         relation,
-        resource: row.get::<String>(3).ok()??,
+        resource,
         column,
         attnum: row.get::<i16>(5).ok()??,
         company_type,
         text_form: TextForm::for_type(company_type, memory.0),
         count_sql,
+        limits_by_plan,
         input_function,
         input_ioparam,
     })
@@ -325,9 +339,15 @@ impl Config {
         all.into_iter()
     }
 
-    /// The plan a company is on: its row in `companies`, else `tenant_scale.default_plan`.
-    pub fn company_plan(&self, company: &str) -> String {
-        let listed = self.company_plans.borrow().get(company).cloned();
+    pub fn plan_name(&self, plan: usize) -> &str {
+        &self.plans[plan]
+    }
+
+    /// The plan a company is on: its row in `companies`, else `tenant_scale.default_plan`. Raises 22023
+    /// when that plan does not exist, which only tenant_scale.default_plan can cause (companies.plan
+    /// is a foreign key).
+    pub fn company_plan(&self, company: &str) -> usize {
+        let listed = self.company_plans.borrow().get(company).copied();
         let listed = listed.unwrap_or_else(|| {
             let plan = as_extension_owner(self.owner, || {
                 Spi::get_one_with_args::<String>(
@@ -337,43 +357,43 @@ impl Config {
                 .ok()
                 .flatten()
             });
+            let plan = plan.and_then(|name| self.plans.iter().position(|known| *known == name));
             let mut cache = self.company_plans.borrow_mut();
             if cache.len() >= MAX_CACHED_COMPANIES {
                 cache.clear();
             }
-            cache.insert(company.to_string(), plan.clone());
+            cache.insert(company.to_string(), plan);
             plan
         });
-        listed.unwrap_or_else(default_plan)
+        listed.unwrap_or_else(|| {
+            let name = default_plan();
+            self.plans.iter().position(|known| *known == name).unwrap_or_else(|| {
+                pgrx::pg_sys::panic::ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("tenant_scale.default_plan names plan \"{name}\", which does not exist"),
+                    function_name!(),
+                )
+                .set_detail(format!("Company \"{company}\" is not listed in tenant_scale.companies."))
+                .set_hint(format!("Set tenant_scale.default_plan to one of: {}.", self.plans.join(", ")))
+                .report(PgLogLevel::ERROR);
+                unreachable!()
+            })
+        })
     }
 
-    /// The limit of `resource` for `company`. Raises 22023 when the company's plan does not exist,
-    /// which only tenant_scale.default_plan can cause (companies.plan is a foreign key).
-    pub fn limit(&self, company: &str, resource: &str) -> Limit {
+    /// The limit of `def`'s resource for `company`.
+    pub fn limit(&self, company: &str, def: &QuotaDef) -> Limit {
         let plan = self.company_plan(company);
-        if !self.plans.iter().any(|(known, _)| *known == plan) {
-            let known: Vec<&str> = self.plans.iter().map(|(name, _)| name.as_str()).collect();
-            pgrx::pg_sys::panic::ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("tenant_scale.default_plan names plan \"{plan}\", which does not exist"),
-                function_name!(),
-            )
-            .set_detail(format!("Company \"{company}\" is not listed in tenant_scale.companies."))
-            .set_hint(format!("Set tenant_scale.default_plan to one of: {}.", known.join(", ")))
-            .report(PgLogLevel::ERROR);
-        }
-        let max_rows = self.limits.get(&(plan.clone(), resource.to_string())).copied().flatten();
-        Limit { plan, max_rows }
+        Limit { plan, max_rows: def.limits_by_plan.get(plan).copied().flatten() }
     }
 
-    /// The cheapest plan ranked above `plan` that allows more rows of `resource` than `current`
-    /// allows, with its limit (None: unlimited).
-    pub fn upgrade(&self, plan: &str, resource: &str, current: Option<i64>) -> Option<(String, Option<i64>)> {
-        let current = current?;
-        let rank = self.plans.iter().find(|(name, _)| name == plan).map(|(_, rank)| *rank)?;
-        self.plans.iter().filter(|(_, higher)| *higher > rank).find_map(|(candidate, _)| {
-            let max_rows = self.limits.get(&(candidate.clone(), resource.to_string())).copied().flatten();
-            max_rows.is_none_or(|rows| rows > current).then(|| (candidate.clone(), max_rows))
+    /// The cheapest plan ranked above `limit`'s that allows more rows of `def`'s resource, with its
+    /// limit (None: unlimited).
+    pub fn upgrade(&self, def: &QuotaDef, limit: Limit) -> Option<(&str, Option<i64>)> {
+        let current = limit.max_rows?;
+        (limit.plan + 1..self.plans.len()).find_map(|plan| {
+            let max_rows = def.limits_by_plan.get(plan).copied().flatten();
+            max_rows.is_none_or(|rows| rows > current).then(|| (self.plans[plan].as_str(), max_rows))
         })
     }
 }
@@ -401,26 +421,43 @@ mod tests {
     #[pg_test]
     fn upgrade_is_the_cheapest_higher_plan_that_allows_more() {
         Spi::run(
-            "SELECT tenant_scale.set_plan_limit('free', 'orders', 10);
+            "CREATE TABLE orders (id int, company text);
+             CREATE INDEX ON orders (company);
+             SELECT tenant_scale.enforce_quota('orders', 'orders', 'company');
+             SELECT tenant_scale.set_plan_limit('free', 'orders', 10);
              SELECT tenant_scale.set_plan_limit('basic', 'orders', 10);
              SELECT tenant_scale.set_plan_limit('professional', 'orders', 500);
              SELECT tenant_scale.set_plan_limit('enterprise', 'orders', NULL);",
         )
         .unwrap();
+        unsafe { pg_sys::CommandCounterIncrement() };
         let config = super::current();
-        assert_eq!(config.upgrade("free", "orders", Some(10)), Some(("professional".into(), Some(500))));
-        assert_eq!(config.upgrade("professional", "orders", Some(500)), Some(("enterprise".into(), None)));
-        assert_eq!(config.upgrade("enterprise", "orders", None), None);
+        let def = config.quotas().next().unwrap().clone();
+        let plan = |name: &str| (0..4).find(|&index| config.plan_name(index) == name).unwrap();
+        let at = |name: &str, max_rows| super::Limit { plan: plan(name), max_rows };
+        assert_eq!(config.upgrade(&def, at("free", Some(10))), Some(("professional", Some(500))));
+        assert_eq!(config.upgrade(&def, at("professional", Some(500))), Some(("enterprise", None)));
+        assert_eq!(config.upgrade(&def, at("enterprise", None)), None);
     }
 
     #[pg_test]
     fn company_plan_change_is_seen_at_the_next_command() {
-        Spi::run("SELECT tenant_scale.set_plan_limit('basic', 'orders', 7)").unwrap();
-        assert_eq!(super::current().limit("acme", "orders").plan, "free");
+        Spi::run(
+            "CREATE TABLE orders (id int, company text);
+             CREATE INDEX ON orders (company);
+             SELECT tenant_scale.enforce_quota('orders', 'orders', 'company');
+             SELECT tenant_scale.set_plan_limit('basic', 'orders', 7);",
+        )
+        .unwrap();
+        unsafe { pg_sys::CommandCounterIncrement() };
+        let config = super::current();
+        let def = config.quotas().next().unwrap().clone();
+        assert_eq!(config.plan_name(config.limit("acme", &def).plan), "free");
         Spi::run("SELECT tenant_scale.set_company_plan('acme', 'basic')").unwrap();
         // What the session's next statement does first: process this transaction's invalidations.
         unsafe { pg_sys::CommandCounterIncrement() };
-        let limit = super::current().limit("acme", "orders");
-        assert_eq!((limit.plan.as_str(), limit.max_rows), ("basic", Some(7)));
+        let config = super::current();
+        let limit = config.limit("acme", &def);
+        assert_eq!((config.plan_name(limit.plan), limit.max_rows), ("basic", Some(7)));
     }
 }

@@ -14,15 +14,27 @@
 //!   commit or abort. Only unpinned entries are evicted, so no change can be missing from a count
 //!   that rebuilds an evicted counter.
 //! - `lock`, one LWLock, protects the hash table's structure: lookups take it shared (pinning what
-//!   they find), creation and eviction take it exclusive. Counter fields are atomics, changed without
-//!   the lock; a pin is only ever taken under the lock, so an unpinned entry seen under the exclusive
-//!   lock stays unpinned until the lock is released.
+//!   they find), creation and removal take it exclusive. Counter fields are atomics, changed without
+//!   the lock.
+//! - A backend keeps the counters it used (ledger.rs) and pins one again without the lock and
+//!   without a lookup: pins and a generation share one atomic word, a pin being a compare-and-swap
+//!   that requires the generation the backend saw, and a removal being a compare-and-swap that
+//!   requires zero pins and bumps the generation. The two exclude each other, so a counter is never
+//!   removed while pinned, and a backend never pins a removed (or reused) entry. The generation of an
+//!   entry's memory only ever grows, also across reuse for another key.
 //! - Memory is fixed at start: `tenant_scale.max_quota_counters` entries. When all are pinned at
 //!   once, a new counter cannot be created and the insert fails with SQLSTATE 53200 and a HINT.
 
 use std::cell::Cell;
 use std::mem::size_of;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+const PIN: u64 = 1;
+const PINS_MASK: u64 = u32::MAX as u64;
+
+fn generation_of(word: u64) -> u32 {
+    (word >> 32) as u32
+}
 
 use pgrx::pg_sys;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -64,7 +76,8 @@ pub(super) struct Counter {
     key: CounterKey,
     used: AtomicI64,
     reserved: AtomicI64,
-    pins: AtomicU32,
+    /// Generation in the high half, pins in the low half (see the top of the file).
+    pins: AtomicU64,
     state: AtomicU32,
     last_use: AtomicU64,
 }
@@ -144,16 +157,13 @@ pub(super) fn abandon_build() {
 }
 
 impl Counters {
-    /// Finds or creates the counter of `key` and pins it for this transaction. None when every
-    /// counter is pinned by a transaction in flight.
-    pub fn pin(&self, key: &CounterKey) -> Option<&'static Counter> {
+    /// Finds or creates the counter of `key` and pins it for this transaction, returning it with the
+    /// generation to re-pin it by later. None when every counter is pinned by a transaction in flight.
+    pub fn pin(&self, key: &CounterKey) -> Option<(&'static Counter, u32)> {
         // SAFETY: hash_search under the lock as documented at the top of the file.
         unsafe {
             pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_SHARED);
-            let found = self.find(key);
-            if let Some(counter) = found {
-                self.pin_found(counter);
-            }
+            let found = self.find(key).map(|counter| (counter, self.pin_found(counter)));
             pg_sys::LWLockRelease(self.lock);
             if found.is_some() {
                 return found;
@@ -161,11 +171,9 @@ impl Counters {
 
             pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
             let counter = self.find(key).or_else(|| self.create(key));
-            if let Some(counter) = counter {
-                self.pin_found(counter);
-            }
+            let pinned = counter.map(|counter| (counter, self.pin_found(counter)));
             pg_sys::LWLockRelease(self.lock);
-            counter
+            pinned
         }
     }
 
@@ -206,16 +214,37 @@ impl Counters {
             // dynahash copied the key; the other fields are ours to initialise.
             (&raw mut (*entry).used).write(AtomicI64::new(0));
             (&raw mut (*entry).reserved).write(AtomicI64::new(0));
-            (&raw mut (*entry).pins).write(AtomicU32::new(0));
+            // Memory never used before reads as generation 0; recycled memory keeps its generation.
+            let recycled = found_recycled_generation(entry);
+            (&raw mut (*entry).pins).write(AtomicU64::new(u64::from(recycled) << 32));
             (&raw mut (*entry).state).write(AtomicU32::new(EMPTY));
             (&raw mut (*entry).last_use).write(AtomicU64::new(0));
             entry.as_ref()
         }
     }
 
-    fn pin_found(&self, counter: &Counter) {
-        counter.pins.fetch_add(1, Ordering::AcqRel);
+    /// Pins a counter found under the lock (no removal can run meanwhile); returns its generation.
+    fn pin_found(&self, counter: &Counter) -> u32 {
+        let word = counter.pins.fetch_add(PIN, Ordering::AcqRel);
         counter.last_use.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        generation_of(word)
+    }
+
+    /// Removes an unpinned counter (caller holds the lock exclusively); false when it is pinned.
+    unsafe fn remove_if_unpinned(&self, counter: &Counter) -> bool {
+        let word = counter.pins.load(Ordering::Acquire);
+        let next_generation = u64::from(generation_of(word).wrapping_add(1)) << 32;
+        if word & PINS_MASK != 0
+            || counter
+                .pins
+                .compare_exchange(word, next_generation, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return false;
+        }
+        // SAFETY: the caller holds the lock exclusively.
+        unsafe { self.remove_locked(&counter.key) };
+        true
     }
 
     /// Drops the least recently used tenth of the unpinned counters (at least one), so that the
@@ -225,17 +254,17 @@ impl Counters {
         // SAFETY: sequential scan and removal under the exclusive lock.
         unsafe {
             self.for_each_locked(|counter| {
-                if counter.pins.load(Ordering::Acquire) == 0
-                    && counter.state.load(Ordering::Acquire) != BUILDING
-                {
+                if !counter.is_pinned() && counter.state.load(Ordering::Acquire) != BUILDING {
                     candidates.push((counter.last_use.load(Ordering::Relaxed), counter));
                 }
             });
             candidates.sort_unstable_by_key(|(last_use, _)| *last_use);
             let victims = (self.capacity / 10).max(1) as usize;
             for (_, counter) in candidates.into_iter().take(victims) {
-                self.remove_locked(&(*counter).key);
-                self.evicted.fetch_add(1, Ordering::Relaxed);
+                // A backend may have pinned a candidate again (without the lock) since the scan.
+                if self.remove_if_unpinned(&*counter) {
+                    self.evicted.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -293,9 +322,7 @@ impl Counters {
                 }
             });
             for counter in doomed {
-                if counter.pins.load(Ordering::Acquire) == 0 {
-                    self.remove_locked(&counter.key);
-                } else {
+                if !self.remove_if_unpinned(counter) {
                     counter.state.store(EMPTY, Ordering::Release);
                 }
             }
@@ -318,10 +345,7 @@ impl Counters {
             pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
             self.for_each_locked(|counter| {
                 let ours = counter.key.quota_id() == quota_id && counter.key.database() == database;
-                if !ours
-                    || counter.state.load(Ordering::Acquire) != READY
-                    || counter.pins.load(Ordering::Acquire) != 0
-                {
+                if !ours || counter.state.load(Ordering::Acquire) != READY || counter.is_pinned() {
                     return;
                 }
                 let expected = actual(&counter.key);
@@ -347,6 +371,14 @@ impl Counters {
         };
         (entries, self.capacity, self.evicted.load(Ordering::Relaxed))
     }
+}
+
+/// The generation left in an entry's memory by its previous use (0 for memory never used): dynahash
+/// hands out recycled elements with their old contents, key aside.
+unsafe fn found_recycled_generation(entry: *mut Counter) -> u32 {
+    // SAFETY: the element belongs to the hash table's memory, initialised to zero when the table was
+    // created and written only through this module since; read before being overwritten.
+    unsafe { generation_of((*entry).pins.load(Ordering::Acquire)) }
 }
 
 /// LOCKTAG field4 of the build locks, to tell them from user advisory locks (which use 1 and 2).
@@ -407,15 +439,29 @@ impl Counter {
         self.reserved.fetch_sub(rows, Ordering::AcqRel);
     }
 
-    /// Commit: reserved rows became committed rows; deleted rows free their places. Then unpins.
-    pub fn settle_commit(&self, inserted: i64, deleted: i64) {
+    /// Commit: reserved rows became committed rows; deleted rows free their places.
+    pub fn commit(&self, inserted: i64, deleted: i64) {
         self.reserved.fetch_sub(inserted, Ordering::AcqRel);
         self.used.fetch_sub(deleted, Ordering::AcqRel);
-        self.unpin();
     }
 
     pub fn unpin(&self) {
-        self.pins.fetch_sub(1, Ordering::AcqRel);
+        self.pins.fetch_sub(PIN, Ordering::AcqRel);
+    }
+
+    /// Whether a transaction in flight holds the counter (the generation half of the word aside).
+    fn is_pinned(&self) -> bool {
+        self.pins.load(Ordering::Acquire) & PINS_MASK != 0
+    }
+
+    /// Pins again, without the lock, a counter this backend pinned before at `generation`. False when
+    /// it has been removed since (the caller then looks it up again).
+    pub fn repin(&self, generation: u32) -> bool {
+        self.pins
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                (generation_of(word) == generation).then_some(word + PIN)
+            })
+            .is_ok()
     }
 
     /// Rows used now: committed plus reserved in flight.

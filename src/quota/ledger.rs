@@ -8,6 +8,12 @@
 //! refused while the transaction holds quota changes: a prepared transaction outlives the backend
 //! that would settle it.
 //!
+//! Touches outlive their transaction: at its end a touch on a shared counter stays, unpinned, as
+//! this backend's cache of that company (the counter to pin again without a lookup, the limit, the
+//! key), so that the next transaction writing for the same company does no lookup and no allocation
+//! (counters.rs explains how a kept counter is pinned again safely). The cache is dropped when the
+//! configuration changes and when it grows past `MAX_KEPT_TOUCHES`.
+//!
 //! TRUNCATE: the truncating transaction holds the only lock on the table until it ends, so after a
 //! TRUNCATE its own view of the table is the whole truth, and its later changes are counted privately
 //! (`Exclusive`). At commit the table's shared counters are forgotten and rebuilt from the table on
@@ -30,6 +36,7 @@ use super::counters::{self, Counter};
 use super::refusal::raise_quota_exceeded;
 use super::slow;
 use super::statement::{self, Noted};
+use crate::unguarded;
 
 #[derive(Clone, Copy)]
 pub(super) enum Change {
@@ -42,8 +49,9 @@ pub(super) enum Change {
 }
 
 enum Held {
-    /// A pinned shared counter: inserts are reserved on it at once, deletes wait for the commit.
-    Shared(&'static Counter),
+    /// A shared counter and the generation it was pinned at (to pin it again in later
+    /// transactions): inserts are reserved on it at once, deletes wait for the commit.
+    Shared { counter: &'static Counter, generation: u32 },
     /// A usage row this transaction has locked (no shared memory); `committed` was read under the lock.
     Row { committed: i64 },
     /// A table this transaction truncated; `base` is what it saw when it first touched the company.
@@ -57,10 +65,14 @@ struct Frame {
 }
 
 struct Touch {
+    key: Vec<u8>,
     def: Rc<QuotaDef>,
     company: String,
     held: Held,
-    /// The subtransaction that first touched the company: if it aborts, everything here goes.
+    /// Part of the current transaction (listed in `Ledger::active`; a shared counter is pinned).
+    active: bool,
+    /// The subtransaction that first touched the company in this transaction: if it aborts,
+    /// everything here goes.
     origin: pg_sys::SubTransactionId,
     limit: Limit,
     limit_generation: u64,
@@ -85,7 +97,7 @@ impl Touch {
     /// Rows that count against the limit now, for this transaction.
     fn used(&self) -> i64 {
         match self.held {
-            Held::Shared(counter) => counter.used(),
+            Held::Shared { counter, .. } => counter.used(),
             Held::Row { committed } => committed + self.inserted(),
             Held::Exclusive { base } => base + self.inserted() - self.deleted(),
         }
@@ -93,7 +105,7 @@ impl Touch {
 
     fn try_reserve(&mut self, rows: i64) -> Result<(), i64> {
         match self.held {
-            Held::Shared(counter) => counter.try_reserve(rows, self.limit.max_rows),
+            Held::Shared { counter, .. } => counter.try_reserve(rows, self.limit.max_rows),
             Held::Row { .. } | Held::Exclusive { .. } => {
                 let used = self.used();
                 if self.limit.max_rows.is_none_or(|max_rows| used + rows <= max_rows) {
@@ -114,26 +126,47 @@ impl Touch {
 
     /// Gives back reservations that will not become rows.
     fn give_back(&self, rows: i64) {
-        if let Held::Shared(counter) = self.held {
+        if let Held::Shared { counter, .. } = self.held {
             counter.release(rows);
         }
     }
 
-    /// Abort of the whole touch: reservations given back, pin released.
-    fn abandon(self) {
-        if let Held::Shared(counter) = self.held {
-            counter.release(self.inserted());
+    /// Ends the touch's part in the transaction; returns whether it is kept for the next one.
+    fn finish(&mut self, committed: bool, truncated: bool) -> bool {
+        if let Held::Shared { counter, .. } = self.held {
+            if committed && !truncated {
+                counter.commit(self.inserted(), self.deleted());
+            } else {
+                // Aborted, or its rows went with a TRUNCATE (whose counters are forgotten anyway).
+                counter.release(self.inserted());
+            }
             counter.unpin();
         }
+        self.frames.clear();
+        self.active = false;
+        self.statement_rows = (pg_sys::InvalidCommandId, 0);
+        self.recount_at_commit = false;
+        matches!(self.held, Held::Shared { .. })
     }
 }
 
+/// A backend keeps at most this many idle touches (about 200 bytes each).
+const MAX_KEPT_TOUCHES: usize = 10_000;
+
 #[derive(Default)]
 struct Ledger {
-    /// Keyed by quota id, truncation count and company text.
-    touches: FxHashMap<Vec<u8>, Touch>,
+    /// Touches by slot; `index` maps a key (quota id, truncation count, company text) to its slot.
+    slots: Vec<Option<Touch>>,
+    free_slots: Vec<usize>,
+    index: FxHashMap<Vec<u8>, usize>,
+    /// Slots touched by the current transaction.
+    active: Vec<usize>,
     /// (quota id, subtransaction) of every TRUNCATE so far.
     truncations: Vec<(i64, pg_sys::SubTransactionId)>,
+    /// The key of the row at hand, rebuilt in place for every row.
+    key: Vec<u8>,
+    /// Configuration generation the kept touches were made under.
+    generation: u64,
 }
 
 thread_local! {
@@ -142,15 +175,68 @@ thread_local! {
 
 impl Ledger {
     fn truncations_of(&self, quota_id: i64) -> u32 {
+        if self.truncations.is_empty() {
+            return 0;
+        }
         self.truncations.iter().filter(|(quota, _)| *quota == quota_id).count() as u32
     }
 
-    fn key(&self, quota_id: i64, company: &[u8]) -> Vec<u8> {
-        let mut key = Vec::with_capacity(12 + company.len());
-        key.extend_from_slice(&quota_id.to_le_bytes());
-        key.extend_from_slice(&self.truncations_of(quota_id).to_le_bytes());
-        key.extend_from_slice(company);
-        key
+    fn truncated(&self, quota_id: i64) -> bool {
+        self.truncations.iter().any(|(quota, _)| *quota == quota_id)
+    }
+
+    fn set_key(&mut self, quota_id: i64, company: &[u8]) {
+        let truncations = self.truncations_of(quota_id);
+        self.key.clear();
+        self.key.extend_from_slice(&quota_id.to_le_bytes());
+        self.key.extend_from_slice(&truncations.to_le_bytes());
+        self.key.extend_from_slice(company);
+    }
+
+    fn touch(&mut self, slot: usize) -> &mut Touch {
+        self.slots[slot].as_mut().expect("an occupied slot")
+    }
+
+    fn insert(&mut self, touch: Touch) -> usize {
+        let key = touch.key.clone();
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(touch);
+                slot
+            }
+            None => {
+                self.slots.push(Some(touch));
+                self.slots.len() - 1
+            }
+        };
+        self.index.insert(key, slot);
+        slot
+    }
+
+    fn remove(&mut self, slot: usize) {
+        if let Some(touch) = self.slots[slot].take() {
+            self.index.remove(&touch.key);
+            self.free_slots.push(slot);
+        }
+    }
+
+    /// Ends the transaction for every touch in it, keeping the shared ones as idle cache.
+    fn finish_transaction(&mut self, committed: bool) {
+        for slot in std::mem::take(&mut self.active) {
+            let quota_id = self.touch(slot).def.quota_id;
+            let truncated = self.truncated(quota_id);
+            if !self.touch(slot).finish(committed, truncated) {
+                self.remove(slot);
+            }
+        }
+        self.truncations.clear();
+        if self.generation != config::generation() || self.index.len() > MAX_KEPT_TOUCHES {
+            *self = Ledger {
+                key: std::mem::take(&mut self.key),
+                generation: config::generation(),
+                ..Ledger::default()
+            };
+        }
     }
 }
 
@@ -164,42 +250,39 @@ pub(super) fn record_row(
     change: Change,
 ) {
     let company_text = String::from_utf8_lossy(company);
-    // SAFETY: a plain accessor of the transaction state.
-    let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let subtransaction = unguarded::current_subtransaction();
     let in_upsert = statement::in_upsert();
     let refused = LEDGER.with(|ledger| {
         let mut ledger = ledger.borrow_mut();
-        let key = ledger.key(def.quota_id, company);
-        if !ledger.touches.contains_key(&key) {
-            let truncated = ledger.truncations_of(def.quota_id) > 0;
-            open_touch(
-                &mut ledger,
-                config,
-                def,
-                &company_text,
-                company_datum,
-                key.clone(),
-                truncated,
-                subtransaction,
-            );
-        }
-        let touch = ledger.touches.get_mut(&key).expect("opened above");
+        let ledger = &mut *ledger;
+        ledger.set_key(def.quota_id, company);
+        let slot = match ledger.index.get(ledger.key.as_slice()).copied() {
+            None => open_touch(ledger, config, def, &company_text, company_datum, subtransaction),
+            Some(slot) if !ledger.touch(slot).active => {
+                rejoin(ledger, slot, config, def, &company_text, company_datum, subtransaction);
+                slot
+            }
+            Some(slot) => slot,
+        };
+        let touch = ledger.touch(slot);
         if touch.limit_generation != config::generation() {
-            touch.limit = config.limit(&company_text, &def.resource);
+            touch.def = def.clone();
+            touch.limit = config.limit(&company_text, def);
             touch.limit_generation = config::generation();
         }
-        if !statement::executor_hooks_saw_statement() {
+        if counters::shared().is_none() && !statement::executor_hooks_saw_statement() {
             touch.recount_at_commit = true;
         }
         match change {
             Change::Delete => {
                 touch.frame(subtransaction).deleted += 1;
-                statement::note(&key, def, &company_text, Noted::MovedOut);
+                if in_upsert {
+                    statement::note(&touch.key, def, &company_text, Noted::MovedOut);
+                }
                 None
             }
             Change::Insert => {
-                // SAFETY: a plain accessor of the transaction state.
-                let command = unsafe { pg_sys::GetCurrentCommandId(false) };
+                let command = unguarded::current_command();
                 if touch.statement_rows.0 != command {
                     touch.statement_rows = (command, 0);
                 }
@@ -207,83 +290,110 @@ pub(super) fn record_row(
                     Ok(()) => {
                         touch.frame(subtransaction).inserted += 1;
                         touch.statement_rows.1 += 1;
-                        statement::note(&key, def, &company_text, Noted::Reserved);
+                        if in_upsert {
+                            statement::note(&touch.key, def, &company_text, Noted::Reserved);
+                        }
                         None
                     }
                     Err(_) if in_upsert => {
-                        statement::note(&key, def, &company_text, Noted::Deferred);
+                        statement::note(&touch.key, def, &company_text, Noted::Deferred);
                         None
                     }
-                    Err(used) => Some((touch.limit.clone(), used, touch.statement_rows.1)),
+                    Err(used) => Some((touch.limit, used, touch.statement_rows.1)),
                 }
             }
         }
     });
     if let Some((limit, used, reserved_by_statement)) = refused {
-        raise_quota_exceeded(config, &company_text, &def.resource, &limit, used, reserved_by_statement, 1);
+        raise_quota_exceeded(config, &company_text, def, limit, used, reserved_by_statement, 1);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A new touch for the company whose key is `ledger.key`, part of the current transaction.
 fn open_touch(
     ledger: &mut Ledger,
     config: &Config,
     def: &Rc<QuotaDef>,
     company: &str,
     company_datum: pg_sys::Datum,
-    key: Vec<u8>,
-    truncated: bool,
     subtransaction: pg_sys::SubTransactionId,
-) {
-    let limit = config.limit(company, &def.resource);
-    let held = if truncated {
+) -> usize {
+    let held = if ledger.truncations_of(def.quota_id) > 0 {
         Held::Exclusive { base: count_rows(config, def, company_datum, company, Seeing::Ours) }
     } else if let Some(shared) = counters::shared() {
-        // SAFETY: MyDatabaseId is set for the life of a backend connected to a database.
-        let database = unsafe { pg_sys::MyDatabaseId };
-        let counter = shared.pin(&CounterKey::new(database, def.quota_id, company.as_bytes())).unwrap_or_else(|| {
-            ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
-                "no free tenant_scale quota counter",
-                function_name!(),
-            )
-            .set_detail(format!(
-                "All {} counters are in use by transactions in flight.",
-                shared.usage().1
-            ))
-            .set_hint("Increase tenant_scale.max_quota_counters (requires a restart), or change fewer companies per transaction.")
-            .report(PgLogLevel::ERROR);
-            unreachable!()
-        });
-        Held::Shared(counter)
+        let (counter, generation) = pin(shared, def, company);
+        Held::Shared { counter, generation }
     } else {
         Held::Row { committed: slow::lock_committed_count(config, def, company_datum, company) }
     };
-    let shared = if let Held::Shared(counter) = held { Some(counter) } else { None };
-    ledger.touches.insert(
-        key,
-        Touch {
-            def: def.clone(),
-            company: company.to_string(),
-            held,
-            origin: subtransaction,
-            limit,
-            limit_generation: config::generation(),
-            frames: Vec::new(),
-            statement_rows: (pg_sys::InvalidCommandId, 0),
-            recount_at_commit: false,
-        },
-    );
+    let slot = ledger.insert(Touch {
+        key: ledger.key.clone(),
+        def: def.clone(),
+        company: company.to_string(),
+        held,
+        active: true,
+        origin: subtransaction,
+        limit: config.limit(company, def),
+        limit_generation: config::generation(),
+        frames: Vec::new(),
+        statement_rows: (pg_sys::InvalidCommandId, 0),
+        recount_at_commit: false,
+    });
+    ledger.active.push(slot);
     // Built only once the touch holds the pin, so that an error while counting still unpins it.
-    if let Some(counter) = shared {
+    if let Held::Shared { counter, .. } = ledger.touch(slot).held {
         counter.ensure_built(|| count_rows(config, def, company_datum, company, Seeing::Committed));
     }
+    slot
+}
+
+/// Brings a touch kept from an earlier transaction into this one: its counter is pinned again (found
+/// again if it was removed meanwhile). Only touches on shared counters are kept.
+fn rejoin(
+    ledger: &mut Ledger,
+    slot: usize,
+    config: &Config,
+    def: &Rc<QuotaDef>,
+    company: &str,
+    company_datum: pg_sys::Datum,
+    subtransaction: pg_sys::SubTransactionId,
+) {
+    let touch = ledger.touch(slot);
+    let Held::Shared { counter, generation } = touch.held else {
+        unreachable!("only touches on shared counters are kept between transactions")
+    };
+    let counter = if counter.repin(generation) {
+        counter
+    } else {
+        let shared = counters::shared().expect("shared counters exist when a touch holds one");
+        let (counter, generation) = pin(shared, def, company);
+        touch.held = Held::Shared { counter, generation };
+        counter
+    };
+    touch.active = true;
+    touch.origin = subtransaction;
+    ledger.active.push(slot);
+    counter.ensure_built(|| count_rows(config, def, company_datum, company, Seeing::Committed));
+}
+
+/// Pins the shared counter of (quota of `def`, `company`), raising 53200 when none is free.
+fn pin(shared: &counters::Counters, def: &QuotaDef, company: &str) -> (&'static Counter, u32) {
+    // SAFETY: MyDatabaseId is set for the life of a backend connected to a database.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    shared.pin(&CounterKey::new(database, def.quota_id, company.as_bytes())).unwrap_or_else(|| {
+        ErrorReport::new(PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY, "no free tenant_scale quota counter", function_name!())
+            .set_detail(format!("All {} counters are in use by transactions in flight.", shared.usage().1))
+            .set_hint(
+                "Increase tenant_scale.max_quota_counters (requires a restart), or change fewer companies per transaction.",
+            )
+            .report(PgLogLevel::ERROR);
+        unreachable!()
+    })
 }
 
 /// A TRUNCATE of the quota's table, in the current subtransaction.
 pub(super) fn record_truncate(config: &Config, def: &QuotaDef) {
-    // SAFETY: a plain accessor of the transaction state.
-    let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let subtransaction = unguarded::current_subtransaction();
     LEDGER.with(|ledger| ledger.borrow_mut().truncations.push((def.quota_id, subtransaction)));
     if counters::shared().is_none() {
         // Transactional, so undone with the TRUNCATE if it is rolled back.
@@ -295,8 +405,11 @@ pub(super) fn record_truncate(config: &Config, def: &QuotaDef) {
 pub(super) fn holds_changes(quota_id: i64) -> bool {
     LEDGER.with(|ledger| {
         let ledger = ledger.borrow();
-        ledger.touches.values().any(|touch| touch.def.quota_id == quota_id)
-            || ledger.truncations.iter().any(|(quota, _)| *quota == quota_id)
+        ledger.truncated(quota_id)
+            || ledger
+                .active
+                .iter()
+                .any(|slot| ledger.slots[*slot].as_ref().is_some_and(|touch| touch.def.quota_id == quota_id))
     })
 }
 
@@ -309,15 +422,15 @@ pub(super) fn settle_upsert(
     noted: Vec<statement::UpsertEntry>,
     command_id: pg_sys::CommandId,
 ) {
-    // SAFETY: a plain accessor of the transaction state.
-    let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let subtransaction = unguarded::current_subtransaction();
     for entry in noted.into_iter().filter(|entry| entry.reserved > 0 || entry.deferred > 0) {
         let Some(company_datum) = entry.def.company_datum(&entry.company) else { continue };
         let added = count_added_by_command(config, &entry.def, company_datum, &entry.company, command_id);
         let inserted = added + entry.moved_out;
         let refused = LEDGER.with(|ledger| {
             let mut ledger = ledger.borrow_mut();
-            let touch = ledger.touches.get_mut(&entry.key)?;
+            let slot = *ledger.index.get(&entry.key)?;
+            let touch = ledger.touch(slot);
             if inserted < entry.reserved {
                 let unused = entry.reserved - inserted;
                 touch.give_back(unused);
@@ -330,22 +443,14 @@ pub(super) fn settle_upsert(
                         touch.frame(subtransaction).inserted += needed;
                         None
                     }
-                    Err(used) => Some((touch.limit.clone(), used, needed)),
+                    Err(used) => Some((touch.limit, used, needed)),
                 }
             } else {
                 None
             }
         });
         if let Some((limit, used, needed)) = refused {
-            raise_quota_exceeded(
-                config,
-                &entry.company,
-                &entry.def.resource,
-                &limit,
-                used,
-                entry.reserved,
-                needed,
-            );
+            raise_quota_exceeded(config, &entry.company, &entry.def, limit, used, entry.reserved, needed);
         }
     }
 }
@@ -363,8 +468,27 @@ unsafe extern "C-unwind" fn transaction_event(event: pg_sys::XactEvent::Type, _a
     match event {
         pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => refuse_prepare(),
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT => write_back_locked_counts(),
-        pg_sys::XactEvent::XACT_EVENT_COMMIT => settle_commit(),
-        pg_sys::XactEvent::XACT_EVENT_ABORT => settle_abort(),
+        pg_sys::XactEvent::XACT_EVENT_COMMIT => {
+            statement::reset();
+            let forgotten = LEDGER.with(|ledger| {
+                let mut ledger = ledger.borrow_mut();
+                let forgotten: Vec<i64> = ledger.truncations.iter().map(|(quota, _)| *quota).collect();
+                ledger.finish_transaction(true);
+                forgotten
+            });
+            if let Some(shared) = counters::shared() {
+                // SAFETY: MyDatabaseId is set for the life of a backend connected to a database.
+                let database = unsafe { pg_sys::MyDatabaseId };
+                for quota_id in forgotten {
+                    shared.forget_quota(database, quota_id);
+                }
+            }
+        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT => {
+            statement::reset();
+            counters::abandon_build();
+            LEDGER.with(|ledger| ledger.borrow_mut().finish_transaction(false));
+        }
         _ => {}
     }
 }
@@ -372,7 +496,7 @@ unsafe extern "C-unwind" fn transaction_event(event: pg_sys::XactEvent::Type, _a
 fn refuse_prepare() {
     let holds = LEDGER.with(|ledger| {
         let ledger = ledger.borrow();
-        !ledger.touches.is_empty() || !ledger.truncations.is_empty()
+        !ledger.active.is_empty() || !ledger.truncations.is_empty()
     });
     if holds {
         ErrorReport::new(
@@ -395,12 +519,12 @@ fn write_back_locked_counts() {
     // A truncated table's usage rows were deleted with the TRUNCATE: nothing to write for it.
     let writes: Vec<_> = LEDGER.with(|ledger| {
         let ledger = ledger.borrow();
-        let truncated = |quota_id: i64| ledger.truncations.iter().any(|(quota, _)| *quota == quota_id);
         ledger
-            .touches
-            .values()
+            .active
+            .iter()
+            .filter_map(|slot| ledger.slots[*slot].as_ref())
             .filter_map(|touch| match touch.held {
-                Held::Row { committed } if !truncated(touch.def.quota_id) => Some((
+                Held::Row { committed } if !ledger.truncated(touch.def.quota_id) => Some((
                     touch.def.clone(),
                     touch.company.clone(),
                     committed + touch.inserted() - touch.deleted(),
@@ -428,39 +552,6 @@ fn write_back_locked_counts() {
     unsafe { pg_sys::PopActiveSnapshot() };
 }
 
-fn settle_commit() {
-    statement::reset();
-    let ledger = LEDGER.with(|ledger| ledger.take());
-    let truncated = |quota_id: i64| ledger.truncations.iter().any(|(quota, _)| *quota == quota_id);
-    for touch in ledger.touches.into_values() {
-        if let Held::Shared(counter) = touch.held {
-            if truncated(touch.def.quota_id) {
-                // Its rows went with the TRUNCATE; the counters are forgotten below anyway.
-                counter.release(touch.inserted());
-                counter.unpin();
-            } else {
-                counter.settle_commit(touch.inserted(), touch.deleted());
-            }
-        }
-    }
-    if let Some(shared) = counters::shared() {
-        // SAFETY: MyDatabaseId is set for the life of a backend connected to a database.
-        let database = unsafe { pg_sys::MyDatabaseId };
-        for (quota_id, _) in &ledger.truncations {
-            shared.forget_quota(database, *quota_id);
-        }
-    }
-}
-
-fn settle_abort() {
-    statement::reset();
-    counters::abandon_build();
-    let ledger = LEDGER.with(|ledger| ledger.take());
-    for touch in ledger.touches.into_values() {
-        touch.abandon();
-    }
-}
-
 #[pg_guard]
 unsafe extern "C-unwind" fn subtransaction_event(
     event: pg_sys::SubXactEvent::Type,
@@ -474,7 +565,8 @@ unsafe extern "C-unwind" fn subtransaction_event(
             statement::subtransaction_committed(subtransaction);
             LEDGER.with(|ledger| {
                 let mut ledger = ledger.borrow_mut();
-                for touch in ledger.touches.values_mut() {
+                for slot in ledger.active.clone() {
+                    let touch = ledger.touch(slot);
                     if touch.origin == subtransaction {
                         touch.origin = parent;
                     }
@@ -497,23 +589,24 @@ unsafe extern "C-unwind" fn subtransaction_event(
             counters::abandon_build();
             LEDGER.with(|ledger| {
                 let mut ledger = ledger.borrow_mut();
-                let abandoned: Vec<Vec<u8>> = ledger
-                    .touches
-                    .iter()
-                    .filter(|(_, touch)| touch.origin == subtransaction)
-                    .map(|(key, _)| key.clone())
-                    .collect();
-                for key in abandoned {
-                    if let Some(touch) = ledger.touches.remove(&key) {
-                        touch.abandon();
+                let ledger = &mut *ledger;
+                let mut still_active = Vec::with_capacity(ledger.active.len());
+                for slot in std::mem::take(&mut ledger.active) {
+                    let touch = ledger.touch(slot);
+                    if touch.origin == subtransaction {
+                        // Everything of this company in the transaction came from the aborted part.
+                        if !touch.finish(false, false) {
+                            ledger.remove(slot);
+                        }
+                        continue;
                     }
-                }
-                for touch in ledger.touches.values_mut() {
                     if touch.frames.last().is_some_and(|frame| frame.subtransaction == subtransaction) {
                         let frame = touch.frames.pop().expect("checked above");
                         touch.give_back(frame.inserted);
                     }
+                    still_active.push(slot);
                 }
+                ledger.active = still_active;
                 ledger.truncations.retain(|(_, truncated_in)| *truncated_in != subtransaction);
             });
         }

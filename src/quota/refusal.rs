@@ -4,19 +4,20 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
-use super::config::{Config, Limit};
+use super::config::{Config, Limit, QuotaDef};
 
 pub(super) fn raise_quota_exceeded(
     config: &Config,
     company: &str,
-    resource: &str,
-    limit: &Limit,
+    def: &QuotaDef,
+    limit: Limit,
     used: i64,
     reserved_by_statement: i64,
     requested: i64,
 ) -> ! {
+    let resource = &def.resource;
     let max_rows = limit.max_rows.unwrap_or(i64::MAX);
-    let hint = match config.upgrade(&limit.plan, resource, limit.max_rows) {
+    let hint = match config.upgrade(def, limit) {
         Some((plan, Some(rows))) => {
             format!("Upgrade to plan \"{plan}\", which allows {rows} {resource}, or delete rows.")
         }
@@ -29,7 +30,7 @@ pub(super) fn raise_quota_exceeded(
         PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
         format!(
             "company \"{company}\" has reached its limit of {max_rows} {resource} on plan \"{}\"",
-            limit.plan
+            config.plan_name(limit.plan)
         ),
         function_name!(),
     )

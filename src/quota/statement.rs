@@ -103,7 +103,7 @@ fn current_upsert() -> Option<usize> {
     UPSERTS.with(|upserts| upserts.borrow().contains_key(&top)).then_some(top)
 }
 
-/// Notes a row change of the current upsert, if the current statement is one.
+/// Notes a row change of the current upsert (callers check `in_upsert` first).
 pub(super) fn note(key: &[u8], def: &Rc<QuotaDef>, company: &str, noted: Noted) {
     let Some(query) = current_upsert() else { return };
     UPSERTS.with(|upserts| {
