@@ -102,6 +102,9 @@ pub(super) struct Config {
     companies_relid: pg_sys::Oid,
     /// Plans (indexes) of companies looked up so far; None: not listed (default plan).
     company_plans: RefCell<FxHashMap<String, Option<usize>>>,
+    /// The cache generation this configuration is current for (see `generation`), kept here so that
+    /// the per-row path compares with it without another thread-local access.
+    generation: Cell<u64>,
     /// Holds the function lookup data of the text forms; deleted with the configuration.
     _memory: ConfigMemory,
 }
@@ -136,19 +139,35 @@ impl Drop for ConfigMemory {
 /// bounded amount of memory.
 const MAX_CACHED_COMPANIES: usize = 100_000;
 
+/// The backend's cache, in one thread-local (the trigger reaches it on every row). Flags are Cells:
+/// the invalidation callback may run whenever PostgreSQL processes invalidations, so it never needs
+/// a borrow.
+struct Cache {
+    current: RefCell<Option<Rc<Config>>>,
+    stale: Cell<bool>,
+    companies_stale: Cell<bool>,
+    generation: Cell<u64>,
+    watched: RefCell<Vec<pg_sys::Oid>>,
+    companies_relid: Cell<pg_sys::Oid>,
+}
+
 thread_local! {
-    static CURRENT: RefCell<Option<Rc<Config>>> = const { RefCell::new(None) };
-    static STALE: Cell<bool> = const { Cell::new(true) };
-    static COMPANIES_STALE: Cell<bool> = const { Cell::new(false) };
-    static GENERATION: Cell<u64> = const { Cell::new(0) };
-    static WATCHED: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
-    static COMPANIES_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static CACHE: Cache = const {
+        Cache {
+            current: RefCell::new(None),
+            stale: Cell::new(true),
+            companies_stale: Cell::new(false),
+            generation: Cell::new(0),
+            watched: RefCell::new(Vec::new()),
+            companies_relid: Cell::new(pg_sys::InvalidOid),
+        }
+    };
 }
 
 /// Bumped whenever plans, limits or company plans may have changed: a limit remembered with an older
 /// generation must be looked up again.
 pub(super) fn generation() -> u64 {
-    GENERATION.with(Cell::get)
+    CACHE.with(|cache| cache.generation.get())
 }
 
 pub(super) fn register_invalidation_callback() {
@@ -158,40 +177,57 @@ pub(super) fn register_invalidation_callback() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    // InvalidOid means "everything may have changed" (for example after a cache reset).
-    if relid == pg_sys::InvalidOid || WATCHED.with(|watched| watched.borrow().contains(&relid)) {
-        STALE.with(|stale| stale.set(true));
-        GENERATION.with(|generation| generation.set(generation.get() + 1));
-    } else if relid == COMPANIES_RELID.with(Cell::get) {
-        COMPANIES_STALE.with(|stale| stale.set(true));
-        GENERATION.with(|generation| generation.set(generation.get() + 1));
-    }
+    CACHE.with(|cache| {
+        // InvalidOid means "everything may have changed" (for example after a cache reset). The
+        // watched list is only replaced outside catalog access, so it is never borrowed here twice.
+        let watched = cache.watched.try_borrow().map_or(true, |watched| watched.contains(&relid));
+        if relid == pg_sys::InvalidOid || watched {
+            cache.stale.set(true);
+        } else if relid == cache.companies_relid.get() {
+            cache.companies_stale.set(true);
+        } else {
+            return;
+        }
+        cache.generation.set(cache.generation.get() + 1);
+    });
 }
 
 /// The configuration, loaded if it is missing or stale. Raises an error when the extension is not
 /// installed in this database.
 pub(super) fn current() -> Rc<Config> {
-    if !STALE.with(Cell::get)
-        && let Some(config) = CURRENT.with(|current| current.borrow().clone())
-    {
-        if COMPANIES_STALE.with(|stale| stale.replace(false)) {
+    let cached = CACHE.with(|cache| {
+        if cache.stale.get() {
+            return None;
+        }
+        let config = cache.current.borrow().clone()?;
+        if cache.companies_stale.replace(false) {
             config.company_plans.borrow_mut().clear();
         }
+        config.generation.set(cache.generation.get());
+        Some(config)
+    });
+    if let Some(config) = cached {
         return config;
     }
     // An invalidation arriving while we read means what we read may already be old: read again.
     for _ in 0..10 {
-        STALE.with(|stale| stale.set(false));
-        COMPANIES_STALE.with(|stale| stale.set(false));
+        CACHE.with(|cache| {
+            cache.stale.set(false);
+            cache.companies_stale.set(false);
+        });
         let config = Rc::new(load());
-        WATCHED.with(|watched| *watched.borrow_mut() = config.watched.clone());
-        COMPANIES_RELID.with(|relid| relid.set(config.companies_relid));
-        CURRENT.with(|current| *current.borrow_mut() = Some(config.clone()));
-        if !STALE.with(Cell::get) {
+        let fresh = CACHE.with(|cache| {
+            *cache.watched.borrow_mut() = config.watched.clone();
+            cache.companies_relid.set(config.companies_relid);
+            *cache.current.borrow_mut() = Some(config.clone());
+            config.generation.set(cache.generation.get());
+            !cache.stale.get()
+        });
+        if fresh {
             return config;
         }
     }
-    CURRENT.with(|current| current.borrow().clone()).unwrap_or_else(|| Rc::new(load()))
+    CACHE.with(|cache| cache.current.borrow().clone()).unwrap_or_else(|| Rc::new(load()))
 }
 
 fn load() -> Config {
@@ -248,6 +284,7 @@ fn load() -> Config {
                 watched,
                 companies_relid,
                 company_plans: RefCell::new(FxHashMap::default()),
+                generation: Cell::new(0),
                 _memory: memory,
             }
         })
@@ -329,8 +366,14 @@ fn quota_def(
 }
 
 impl Config {
-    pub fn quota(&self, relid: pg_sys::Oid) -> Option<Rc<QuotaDef>> {
-        self.quotas.get(&relid).cloned()
+    pub fn quota(&self, relid: pg_sys::Oid) -> Option<&Rc<QuotaDef>> {
+        self.quotas.get(&relid)
+    }
+
+    /// The cache generation this configuration is current for: a limit remembered with an older one
+    /// must be looked up again.
+    pub fn generation(&self) -> u64 {
+        self.generation.get()
     }
 
     pub fn quotas(&self) -> impl Iterator<Item = &Rc<QuotaDef>> {

@@ -222,13 +222,17 @@ impl Ledger {
 
     /// Ends the transaction for every touch in it, keeping the shared ones as idle cache.
     fn finish_transaction(&mut self, committed: bool) {
-        for slot in std::mem::take(&mut self.active) {
+        // Taken and put back so that the list keeps its allocation from one transaction to the next.
+        let mut active = std::mem::take(&mut self.active);
+        for &slot in &active {
             let quota_id = self.touch(slot).def.quota_id;
             let truncated = self.truncated(quota_id);
             if !self.touch(slot).finish(committed, truncated) {
                 self.remove(slot);
             }
         }
+        active.clear();
+        self.active = active;
         self.truncations.clear();
         if self.generation != config::generation() || self.index.len() > MAX_KEPT_TOUCHES {
             *self = Ledger {
@@ -249,7 +253,6 @@ pub(super) fn record_row(
     company_datum: pg_sys::Datum,
     change: Change,
 ) {
-    let company_text = String::from_utf8_lossy(company);
     let subtransaction = unguarded::current_subtransaction();
     let in_upsert = statement::in_upsert();
     let refused = LEDGER.with(|ledger| {
@@ -257,18 +260,21 @@ pub(super) fn record_row(
         let ledger = &mut *ledger;
         ledger.set_key(def.quota_id, company);
         let slot = match ledger.index.get(ledger.key.as_slice()).copied() {
-            None => open_touch(ledger, config, def, &company_text, company_datum, subtransaction),
+            None => {
+                let company = String::from_utf8_lossy(company);
+                open_touch(ledger, config, def, &company, company_datum, subtransaction)
+            }
             Some(slot) if !ledger.touch(slot).active => {
-                rejoin(ledger, slot, config, def, &company_text, company_datum, subtransaction);
+                rejoin(ledger, slot, config, def, company_datum, subtransaction);
                 slot
             }
             Some(slot) => slot,
         };
         let touch = ledger.touch(slot);
-        if touch.limit_generation != config::generation() {
+        if touch.limit_generation != config.generation() {
             touch.def = def.clone();
-            touch.limit = config.limit(&company_text, def);
-            touch.limit_generation = config::generation();
+            touch.limit = config.limit(&touch.company, def);
+            touch.limit_generation = config.generation();
         }
         if counters::shared().is_none() && !statement::executor_hooks_saw_statement() {
             touch.recount_at_commit = true;
@@ -277,7 +283,7 @@ pub(super) fn record_row(
             Change::Delete => {
                 touch.frame(subtransaction).deleted += 1;
                 if in_upsert {
-                    statement::note(&touch.key, def, &company_text, Noted::MovedOut);
+                    statement::note(&touch.key, def, &touch.company, Noted::MovedOut);
                 }
                 None
             }
@@ -291,21 +297,21 @@ pub(super) fn record_row(
                         touch.frame(subtransaction).inserted += 1;
                         touch.statement_rows.1 += 1;
                         if in_upsert {
-                            statement::note(&touch.key, def, &company_text, Noted::Reserved);
+                            statement::note(&touch.key, def, &touch.company, Noted::Reserved);
                         }
                         None
                     }
                     Err(_) if in_upsert => {
-                        statement::note(&touch.key, def, &company_text, Noted::Deferred);
+                        statement::note(&touch.key, def, &touch.company, Noted::Deferred);
                         None
                     }
-                    Err(used) => Some((touch.limit, used, touch.statement_rows.1)),
+                    Err(used) => Some((touch.company.clone(), touch.limit, used, touch.statement_rows.1)),
                 }
             }
         }
     });
-    if let Some((limit, used, reserved_by_statement)) = refused {
-        raise_quota_exceeded(config, &company_text, def, limit, used, reserved_by_statement, 1);
+    if let Some((company, limit, used, reserved_by_statement)) = refused {
+        raise_quota_exceeded(config, &company, def, limit, used, reserved_by_statement, 1);
     }
 }
 
@@ -334,7 +340,7 @@ fn open_touch(
         active: true,
         origin: subtransaction,
         limit: config.limit(company, def),
-        limit_generation: config::generation(),
+        limit_generation: config.generation(),
         frames: Vec::new(),
         statement_rows: (pg_sys::InvalidCommandId, 0),
         recount_at_commit: false,
@@ -354,7 +360,6 @@ fn rejoin(
     slot: usize,
     config: &Config,
     def: &Rc<QuotaDef>,
-    company: &str,
     company_datum: pg_sys::Datum,
     subtransaction: pg_sys::SubTransactionId,
 ) {
@@ -366,14 +371,15 @@ fn rejoin(
         counter
     } else {
         let shared = counters::shared().expect("shared counters exist when a touch holds one");
-        let (counter, generation) = pin(shared, def, company);
+        let (counter, generation) = pin(shared, def, &touch.company);
         touch.held = Held::Shared { counter, generation };
         counter
     };
     touch.active = true;
     touch.origin = subtransaction;
     ledger.active.push(slot);
-    counter.ensure_built(|| count_rows(config, def, company_datum, company, Seeing::Committed));
+    let touch = ledger.touch(slot);
+    counter.ensure_built(|| count_rows(config, def, company_datum, &touch.company, Seeing::Committed));
 }
 
 /// Pins the shared counter of (quota of `def`, `company`), raising 53200 when none is free.

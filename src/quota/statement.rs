@@ -96,6 +96,10 @@ pub(super) fn executor_hooks_saw_statement() -> bool {
 }
 
 fn current_upsert() -> Option<usize> {
+    // Most statements are no upsert: then the map is empty and the stack is not even looked at.
+    if UPSERTS.with(|upserts| upserts.borrow().is_empty()) {
+        return None;
+    }
     let top = STACK.with(|stack| match stack.borrow().last() {
         Some(Running::Query(query)) => Some(*query as usize),
         _ => None,

@@ -1,11 +1,12 @@
-//! The quota trigger: enforce_quota installs it on each enforced table as BEFORE INSERT, BEFORE UPDATE
-//! (only when the company's text changes), BEFORE DELETE (all FOR EACH ROW) and AFTER TRUNCATE.
+//! The quota trigger: enforce_quota installs it on each enforced table as one BEFORE INSERT OR UPDATE
+//! OR DELETE row trigger (an UPDATE counts only when the company's text changes) and one AFTER
+//! TRUNCATE statement trigger.
 //!
 //! It must see each row exactly as it will be written, so it must be the last BEFORE ROW trigger of
 //! its event: one firing later could change the company or cancel the row after it was counted.
-//! Triggers fire in name order, hence the names `zz_tenant_scale_quota_*`; and rather than trust
-//! names, it checks on every row that no enabled BEFORE ROW trigger of the same event follows it,
-//! and refuses to run if one does.
+//! Triggers fire in name order, hence the name `zz_tenant_scale_quota`; and rather than trust names,
+//! it checks on every row that no enabled BEFORE ROW trigger of the same event follows it, and
+//! refuses to run if one does.
 //!
 //! This is the per-row path of every insert, bulk loads included: no table lookups (the
 //! configuration is cached, config.rs), no allocation for integer or text companies, and for a
@@ -22,7 +23,9 @@ use pgrx::{AllocatedByPostgres, PgTrigger};
 use super::config::{self, QuotaDef};
 use super::ledger::{self, Change};
 
-pub(super) const TRIGGER_NAME_PREFIX: &str = "zz_tenant_scale_quota";
+/// Names that sort after ordinary trigger names (BEFORE triggers fire in name order).
+pub(super) const ROW_TRIGGER: &str = "zz_tenant_scale_quota";
+pub(super) const TRUNCATE_TRIGGER: &str = "zz_tenant_scale_quota_truncate";
 
 thread_local! {
     /// Buffer for a row's company text, reused from row to row.
@@ -44,40 +47,40 @@ fn quota_trigger<'a>(
             format!("table {} has tenant_scale quota triggers but no quota", relation_name(relation)),
             function_name!(),
         )
-        .set_hint("Call tenant_scale.enforce_quota() on the table again, or drop its zz_tenant_scale_quota_* triggers.")
+        .set_hint("Call tenant_scale.enforce_quota() on the table again, or drop its zz_tenant_scale_quota triggers.")
         .report(PgLogLevel::ERROR);
         unreachable!()
     };
     let event = data.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
     if event == pg_sys::TRIGGER_EVENT_TRUNCATE {
-        ledger::record_truncate(&config, &def);
+        ledger::record_truncate(&config, def);
         return Ok(None);
     }
     ensure_fires_last(data, relation);
     let mut company = COMPANY.take();
     match event {
         pg_sys::TRIGGER_EVENT_INSERT => {
-            if let Some(datum) = company_of(&def, data.tg_trigtuple, relation, &mut company) {
-                ledger::record_row(&config, &def, &company, datum, Change::Insert);
+            if let Some(datum) = company_of(def, data.tg_trigtuple, relation, &mut company) {
+                ledger::record_row(&config, def, &company, datum, Change::Insert);
             }
         }
         pg_sys::TRIGGER_EVENT_UPDATE => {
             let mut old_company = Vec::new();
-            let old = company_of(&def, data.tg_trigtuple, relation, &mut old_company);
-            let new = company_of(&def, data.tg_newtuple, relation, &mut company);
+            let old = company_of(def, data.tg_trigtuple, relation, &mut old_company);
+            let new = company_of(def, data.tg_newtuple, relation, &mut company);
             if old.is_some() != new.is_some() || old_company != company {
                 // The new company first: if it is full, nothing has been noted for the old one.
                 if let Some(datum) = new {
-                    ledger::record_row(&config, &def, &company, datum, Change::Insert);
+                    ledger::record_row(&config, def, &company, datum, Change::Insert);
                 }
                 if let Some(datum) = old {
-                    ledger::record_row(&config, &def, &old_company, datum, Change::Delete);
+                    ledger::record_row(&config, def, &old_company, datum, Change::Delete);
                 }
             }
         }
         _ => {
-            if let Some(datum) = company_of(&def, data.tg_trigtuple, relation, &mut company) {
-                ledger::record_row(&config, &def, &company, datum, Change::Delete);
+            if let Some(datum) = company_of(def, data.tg_trigtuple, relation, &mut company) {
+                ledger::record_row(&config, def, &company, datum, Change::Delete);
             }
         }
     }

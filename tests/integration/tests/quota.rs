@@ -438,7 +438,7 @@ fn application_role_can_insert_and_ask_but_not_change_quotas() {
         "SELECT * FROM tenant_scale.reconcile('tickets')",
         "SELECT tenant_scale.enforce_quota('tickets', 'more_tickets', 'company')",
         "ALTER TABLE tickets DISABLE TRIGGER ALL",
-        "DROP TRIGGER zz_tenant_scale_quota_insert ON tickets",
+        "DROP TRIGGER zz_tenant_scale_quota ON tickets",
         "SET session_replication_role = replica",
         "SET tenant_scale.default_plan = 'enterprise'",
         "SELECT * FROM tenant_scale.companies",
