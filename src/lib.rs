@@ -6,6 +6,9 @@
 
 use pgrx::prelude::*;
 
+mod health;
+mod pagination;
+mod replica;
 mod shmem;
 
 pgrx::pg_module_magic!(name, version);
@@ -17,6 +20,8 @@ const GUC_PREFIX: &std::ffi::CStr = c"tenant_scale";
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     shmem::note_library_load();
+    pagination::register_gucs();
+    replica::register_gucs();
     reserve_guc_prefix();
 }
 

@@ -1,0 +1,574 @@
+//! Keyset (seek) pagination: `tenant_scale.keyset_page(relation, order_by, page_size, cursor, filter)`.
+//!
+//! OFFSET reads and throws away every skipped row; a seek query starts at the last row seen and reads
+//! only the page, through a btree index that matches the order. `keyset_page` writes that query for
+//! any relation with a primary key (or a unique NOT NULL key in `order_by`):
+//!
+//! - It runs as the caller (SECURITY INVOKER, no elevated rights), so table privileges and row level
+//!   security apply to every row it returns. The one exception is reading the extension's own
+//!   settings (the cursor secret and the per-relation page limit), which happens as the bootstrap
+//!   superuser in a fixed query under SECURITY_RESTRICTED_OPERATION, never with caller input in the
+//!   text (`listing_settings`).
+//! - Nothing the caller passes reaches SQL text: columns are matched against the catalog and the
+//!   catalog's names are quoted; operators are the column types' btree operators, schema-qualified;
+//!   filter values and cursor keys are bound parameters of the column's type (query.rs).
+//! - The order is always total (the primary key is appended unless the order is already unique), so
+//!   a cursor identifies exactly one position, and NULLs are placed exactly as ORDER BY places them.
+//! - Cursors are opaque, versioned and authenticated (cursor.rs): they only continue the listing
+//!   (relation, order, filter) they were made for, and an altered one is refused with SQLSTATE 22023.
+//! - All statements of one call read one snapshot (the function is STABLE).
+//!
+//! Prepared plans are kept per backend, keyed by statement text and parameter types (`PLANS`): the
+//! text changes with anything that changes the statement (relation name, columns, directions, which
+//! keys are NULL, page size), and PostgreSQL's plan cache revalidates a kept plan after DDL.
+
+mod catalog;
+mod cursor;
+mod order;
+mod query;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::datum::JsonString;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, JsonB, PgRelation};
+use serde_json::{Map, Value, json};
+
+use catalog::{Column, TypeSupport};
+use cursor::{Cursor, CursorError, Direction, Fingerprint};
+use order::{OrderError, OrderItem};
+use query::{FilterTerm, Listing, SortKey};
+
+static MAX_PAGE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(100);
+
+/// Kept plans, bounded: a backend that pages through many shapes starts over rather than grow.
+const MAX_KEPT_PLANS: usize = 256;
+
+/// Statement text and parameter types.
+type PlanKey = (String, Vec<pg_sys::Oid>);
+
+thread_local! {
+    static PLANS: RefCell<HashMap<PlanKey, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+pgrx::extension_sql_file!(
+    "../../sql/pagination.sql",
+    name = "pagination",
+    requires = [keyset_page, keyset_page_explain]
+);
+
+pub(crate) fn register_gucs() {
+    GucRegistry::define_int_guc(
+        c"tenant_scale.max_page_size",
+        c"Largest page_size keyset_page accepts for a relation without its own limit.",
+        c"A relation listed in tenant_scale.page_limits uses its max_page_size instead. Only superusers \
+          (or ALTER ROLE/DATABASE ... SET by one) can change it, so that an application cannot lift the \
+          limit for itself.",
+        &MAX_PAGE_SIZE,
+        1,
+        100_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+/// A page of `relation` in the order `order_by`, as jsonb:
+/// `{"data": [...], "page_size": n, "has_next": b, "has_prev": b, "next_cursor": t, "prev_cursor": t}`.
+#[pg_extern(stable)]
+fn keyset_page(
+    relation: Option<PgRelation>,
+    order_by: Option<Vec<Option<String>>>,
+    page_size: default!(Option<i32>, 20),
+    cursor: default!(Option<&str>, "NULL"),
+    filter: default!(Option<JsonB>, "'{}'"),
+) -> JsonB {
+    let request = Request::new(relation, order_by, page_size, cursor, filter);
+    let page = request.page();
+    let cursor_for = |direction, row: Option<&Row>| {
+        row.map(|row| {
+            Cursor { direction, key: row.key.clone() }.encode(&request.secret, &request.listing.fingerprint)
+        })
+    };
+    let next_cursor = if page.has_next { cursor_for(Direction::After, page.rows.last()) } else { None };
+    let prev_cursor = if page.has_prev { cursor_for(Direction::Before, page.rows.first()) } else { None };
+    let rows: Vec<Value> = page.rows.into_iter().map(|row| row.data).collect();
+    JsonB(json!({
+        "data": rows,
+        "page_size": request.page_size,
+        "has_next": page.has_next,
+        "has_prev": page.has_prev,
+        "next_cursor": next_cursor,
+        "prev_cursor": prev_cursor,
+    }))
+}
+
+/// The plan of every statement `keyset_page` would run for these arguments, in the order it would
+/// run them (EXPLAIN (COSTS OFF), with the values bound): to check that a listing uses an index.
+/// VOLATILE because PostgreSQL runs EXPLAIN only from volatile functions.
+#[pg_extern]
+fn keyset_page_explain(
+    relation: Option<PgRelation>,
+    order_by: Option<Vec<Option<String>>>,
+    page_size: default!(Option<i32>, 20),
+    cursor: default!(Option<&str>, "NULL"),
+    filter: default!(Option<JsonB>, "'{}'"),
+) -> SetOfIterator<'static, String> {
+    let request = Request::new(relation, order_by, page_size, cursor, filter);
+    let scan = request.first_scan();
+    let lines = Spi::connect(|client| -> SpiResult<Vec<String>> {
+        let mut lines = Vec::new();
+        for sql in &scan.statements {
+            let explain = format!("EXPLAIN (COSTS OFF) {sql}");
+            for row in client.select(explain.as_str(), None, &scan.args())? {
+                lines.push(row.get::<String>(1)?.unwrap_or_default());
+            }
+        }
+        Ok(lines)
+    })
+    .unwrap_or_else(|error| pgrx::error!("tenant_scale: explaining the page failed: {error}"));
+    SetOfIterator::new(lines)
+}
+
+/// The SQLSTATE 22023 error for a bad argument, named in the message.
+pub(crate) struct Refusal(ErrorReport);
+
+pub(crate) fn invalid(argument: &str, message: impl Into<String>) -> Refusal {
+    Refusal(ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("invalid {argument}: {}", message.into()),
+        "tenant_scale.keyset_page",
+    ))
+}
+
+impl Refusal {
+    pub fn detail(self, detail: impl Into<String>) -> Self {
+        Refusal(self.0.set_detail(detail))
+    }
+
+    pub fn hint(self, hint: impl Into<String>) -> Self {
+        Refusal(self.0.set_hint(hint))
+    }
+
+    pub fn raise(self) -> ! {
+        self.0.report(PgLogLevel::ERROR);
+        unreachable!("an ERROR report does not return")
+    }
+}
+
+/// A listing resolved against the catalogs: everything but the position.
+struct ResolvedListing {
+    relation_sql: String,
+    keys: Vec<SortKey>,
+    key_columns: Vec<KeyColumn>,
+    filter: Vec<FilterTerm>,
+    filter_args: Vec<(pg_sys::Datum, pg_sys::Oid)>,
+    fingerprint: Fingerprint,
+}
+
+/// How a sort key's values go in (cursor keys, as parameters) and out (into the next cursor).
+struct KeyColumn {
+    name: String,
+    type_oid: pg_sys::Oid,
+    typmod: i32,
+    support: TypeSupport,
+}
+
+/// Validated arguments of one call.
+struct Request {
+    listing: ResolvedListing,
+    page_size: usize,
+    cursor: Option<Cursor>,
+    secret: Vec<u8>,
+}
+
+/// Up to page_size + 1 rows in scan order, and the statements and arguments that fetch them.
+struct Scan {
+    forward: bool,
+    statements: Vec<String>,
+    args: Vec<(pg_sys::Datum, pg_sys::Oid)>,
+}
+
+struct Row {
+    data: Value,
+    key: Vec<Option<String>>,
+}
+
+struct Page {
+    rows: Vec<Row>,
+    has_next: bool,
+    has_prev: bool,
+}
+
+impl Request {
+    fn new(
+        relation: Option<PgRelation>,
+        order_by: Option<Vec<Option<String>>>,
+        page_size: Option<i32>,
+        cursor: Option<&str>,
+        filter: Option<JsonB>,
+    ) -> Request {
+        let relation = relation.unwrap_or_else(|| invalid("relation", "it must not be NULL").raise());
+        let order_by = order_by.unwrap_or_else(|| {
+            invalid("order_by", "it must not be NULL")
+                .hint("Pass ARRAY[]::text[] to order by the primary key.")
+                .raise()
+        });
+        let filter = filter.map_or_else(|| Value::Object(Map::new()), |filter| filter.0);
+        let listing = ResolvedListing::new(&relation, &order_by, &filter);
+        let (secret, relation_limit) = listing_settings(relation.oid());
+        let page_size = checked_page_size(page_size, relation_limit, &relation);
+        let cursor = cursor.map(|text| {
+            let decoded = Cursor::decode(text, &secret, &listing.fingerprint).and_then(|cursor| {
+                if cursor.key.len() == listing.keys.len() { Ok(cursor) } else { Err(CursorError::Malformed) }
+            });
+            decoded.unwrap_or_else(|error| {
+                invalid("cursor", "it does not continue this listing")
+                    .detail(error.detail())
+                    .hint(
+                        "A cursor is only valid with the relation, order_by and filter that produced it; \
+                         start again from the first page with cursor => NULL.",
+                    )
+                    .raise()
+            })
+        });
+        Request { listing, page_size, cursor, secret }
+    }
+
+    /// The scan the cursor asks for (or the first page).
+    fn first_scan(&self) -> Scan {
+        match &self.cursor {
+            None => self.listing.scan(true, None, self.page_size),
+            Some(cursor) => {
+                self.listing.scan(cursor.direction == Direction::After, Some(&cursor.key), self.page_size)
+            }
+        }
+    }
+
+    fn page(&self) -> Page {
+        let scan = self.first_scan();
+        let mut rows = scan.run(self.page_size + 1, &self.listing);
+        let (mut forward, mut from_cursor) = (scan.forward, self.cursor.is_some());
+        if from_cursor && rows.is_empty() {
+            // Everything past the cursor is gone (deleted since the cursor was made): the page at that
+            // end of the listing is the closest thing that exists.
+            let from_end = self.listing.scan(!forward, None, self.page_size);
+            rows = from_end.run(self.page_size + 1, &self.listing);
+            (forward, from_cursor) = (from_end.forward, false);
+        }
+        let more = rows.len() > self.page_size;
+        rows.truncate(self.page_size);
+        if !forward {
+            rows.reverse();
+        }
+        let (has_next, has_prev) = if forward { (more, from_cursor) } else { (from_cursor, more) };
+        Page { has_next: has_next && !rows.is_empty(), has_prev: has_prev && !rows.is_empty(), rows }
+    }
+}
+
+fn checked_page_size(page_size: Option<i32>, relation_limit: Option<i32>, relation: &PgRelation) -> usize {
+    let (limit, source) = match relation_limit {
+        Some(limit) => (
+            limit,
+            format!("tenant_scale.page_limits allows at most {limit} rows per page of {}.", relation.name()),
+        ),
+        None => {
+            let limit = MAX_PAGE_SIZE.get();
+            (limit, format!("tenant_scale.max_page_size is {limit}."))
+        }
+    };
+    match page_size {
+        Some(size) if size >= 1 && size <= limit => size as usize,
+        Some(size) => invalid("page_size", format!("{size} is outside 1..{limit}"))
+            .detail(source)
+            .hint("Ask for fewer rows and follow next_cursor for the rest.")
+            .raise(),
+        None => invalid("page_size", "it must not be NULL").raise(),
+    }
+}
+
+impl ResolvedListing {
+    fn new(relation: &PgRelation, order_by: &[Option<String>], filter: &Value) -> ResolvedListing {
+        let relation_kind = relation.rd_rel;
+        // SAFETY: rd_rel of an open relation is always valid.
+        let kind = unsafe { (*relation_kind).relkind } as u8;
+        if ![b'r', b'p', b'm', b'f'].contains(&kind) {
+            invalid("relation", format!("\"{}\" is not a table or materialized view", relation.name()))
+                .detail("keyset_page needs a primary key or unique index to make the order total.")
+                .raise()
+        }
+        let columns = catalog::columns(relation);
+        let find = |argument: &str, name: &str| -> &Column {
+            columns.iter().find(|column| column.name == name).unwrap_or_else(|| {
+                invalid(
+                    argument,
+                    format!("column \"{name}\" does not exist in relation \"{}\"", relation.name()),
+                )
+                .raise()
+            })
+        };
+        let supported = |argument: &str, column: &Column| -> TypeSupport {
+            catalog::type_support(column.type_oid).unwrap_or_else(|| {
+                invalid(argument, format!("column \"{}\" has a type without a btree ordering", column.name))
+                    .detail("Its type has no default btree operator class, so it can neither be sorted nor sought.")
+                    .raise()
+            })
+        };
+
+        let texts: Vec<&str> = order_by
+            .iter()
+            .map(|item| item.as_deref().unwrap_or_else(|| invalid("order_by", "an item is NULL").raise()))
+            .collect();
+        let mut items = order::parse_order(&texts).unwrap_or_else(|error: OrderError| {
+            invalid("order_by", error.to_string())
+                .hint("Each item is a column name, optionally followed by asc or desc and by nulls first or nulls last.")
+                .raise()
+        });
+        for item in &items {
+            find("order_by", &item.column);
+        }
+        append_tie_breaker(relation, &columns, &mut items);
+
+        let mut keys = Vec::with_capacity(items.len());
+        let mut key_columns = Vec::with_capacity(items.len());
+        for item in items {
+            let column = find("order_by", &item.column);
+            let support = supported("order_by", column);
+            let item = if column.not_null { item.without_null_placement() } else { item };
+            keys.push(SortKey {
+                ident: catalog::quote_ident(&column.name),
+                item,
+                not_null: column.not_null,
+                less: support.less.clone(),
+                greater: support.greater.clone(),
+                equal: support.equal.clone(),
+            });
+            key_columns.push(KeyColumn {
+                name: column.name.clone(),
+                type_oid: column.type_oid,
+                typmod: column.typmod,
+                support,
+            });
+        }
+
+        let Value::Object(entries) = filter else {
+            invalid("filter", "it must be a JSON object of column names and values")
+                .hint("For example '{\"company_id\": 42}'.")
+                .raise()
+        };
+        let mut entries: Vec<(&String, &Value)> = entries.iter().collect();
+        entries.sort_by(|a, b| a.0.cmp(b.0));
+        let mut filter_terms = Vec::with_capacity(entries.len());
+        let mut filter_args = Vec::with_capacity(entries.len());
+        let mut canonical = Vec::with_capacity(entries.len());
+        for (name, value) in entries {
+            let column = find("filter", name);
+            let support = supported("filter", column);
+            let text = json_scalar_text(value);
+            let param = text.as_ref().map(|text| {
+                filter_args.push((support.parse(text, column.typmod, "filter", name), column.type_oid));
+                filter_args.len()
+            });
+            filter_terms.push(FilterTerm {
+                ident: catalog::quote_ident(name),
+                equal: support.equal.clone(),
+                param,
+            });
+            canonical.push((name.clone(), text));
+        }
+
+        let order: Vec<OrderItem> = keys.iter().map(|key| key.item.clone()).collect();
+        let fingerprint = cursor::fingerprint(relation.oid().to_u32(), &order, &canonical);
+        ResolvedListing {
+            relation_sql: catalog::qualified_name(relation),
+            keys,
+            key_columns,
+            filter: filter_terms,
+            filter_args,
+            fingerprint,
+        }
+    }
+
+    /// The statements for page_size + 1 rows from `key` (or from the start) in scan order: the
+    /// listing's order when `forward`, else its reverse.
+    fn scan(&self, forward: bool, key: Option<&[Option<String>]>, page_size: usize) -> Scan {
+        let keys: Vec<SortKey> =
+            if forward { self.keys.clone() } else { self.keys.iter().map(SortKey::reversed).collect() };
+        let listing =
+            Listing { relation: &self.relation_sql, keys: &keys, filter: &self.filter, limit: page_size + 1 };
+        let mut args = self.filter_args.clone();
+        let statements = match key {
+            None => vec![listing.first_rows()],
+            Some(values) => {
+                let params: Vec<Option<usize>> = values
+                    .iter()
+                    .zip(&self.key_columns)
+                    .map(|(value, column)| {
+                        value.as_ref().map(|text| {
+                            let datum = column.support.parse(text, column.typmod, "cursor", &column.name);
+                            args.push((datum, column.type_oid));
+                            args.len()
+                        })
+                    })
+                    .collect();
+                listing.after_key(&params)
+            }
+        };
+        Scan { forward, statements, args }
+    }
+}
+
+/// Appends the primary key columns (ascending) unless the order already contains a unique key.
+fn append_tie_breaker(relation: &PgRelation, columns: &[Column], items: &mut Vec<OrderItem>) {
+    let (primary, unique) = catalog::unique_keys(relation, columns);
+    let named =
+        |attnum: &i16| columns.iter().find(|column| column.attnum == *attnum).map(|c| c.name.as_str());
+    let covered = |key: &Vec<i16>| {
+        key.iter()
+            .all(|attnum| named(attnum).is_some_and(|name| items.iter().any(|item| item.column == name)))
+    };
+    if primary.iter().chain(unique.iter()).any(covered) {
+        return;
+    }
+    let Some(primary) = primary else {
+        invalid("order_by", format!("the order is not unique and \"{}\" has no primary key", relation.name()))
+            .detail("Keyset pagination needs a total order: rows that tie on every order_by column could be skipped or repeated.")
+            .hint("Add a primary key to the relation, or end order_by with the columns of a unique index on NOT NULL columns.")
+            .raise()
+    };
+    for attnum in &primary {
+        if let Some(name) = named(attnum)
+            && !items.iter().any(|item| item.column == name)
+        {
+            items.push(OrderItem::ascending(name));
+        }
+    }
+}
+
+/// A filter value as the text the column type's input function reads; `None` for JSON null.
+fn json_scalar_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(text) => Some(text.clone()),
+        Value::Bool(flag) => Some(flag.to_string()),
+        Value::Number(number) => Some(number.to_string()),
+        // json and jsonb columns can be compared with a whole document.
+        Value::Array(_) | Value::Object(_) => Some(value.to_string()),
+    }
+}
+
+impl Scan {
+    fn args(&self) -> Vec<pgrx::datum::DatumWithOid<'static>> {
+        self.args
+            .iter()
+            // SAFETY: each datum was made by the input function of the type it is paired with, in
+            // this call's memory context, which outlives the statements.
+            .map(|(datum, oid)| unsafe { pgrx::datum::DatumWithOid::new(*datum, *oid) })
+            .collect()
+    }
+
+    fn types(&self) -> Vec<pg_sys::Oid> {
+        self.args.iter().map(|(_, oid)| *oid).collect()
+    }
+
+    /// Runs the statements in order until `wanted` rows are in.
+    fn run(&self, wanted: usize, listing: &ResolvedListing) -> Vec<Row> {
+        let args = self.args();
+        let types = self.types();
+        Spi::connect(|client| -> SpiResult<Vec<Row>> {
+            let mut rows = Vec::with_capacity(wanted);
+            for sql in &self.statements {
+                let missing = wanted - rows.len();
+                if missing == 0 {
+                    break;
+                }
+                let plan = kept_plan(client, sql, &types)?;
+                let mut table = client.select(&*plan, Some(missing as i64), &args)?;
+                while table.next().is_some() {
+                    let JsonString(text) = table.get::<JsonString>(1)?.unwrap_or(JsonString("null".into()));
+                    let data = serde_json::from_str(&text).unwrap_or_else(|error| {
+                        pgrx::error!("tenant_scale: to_json produced invalid JSON: {error}")
+                    });
+                    let mut key = Vec::with_capacity(listing.key_columns.len());
+                    for (index, column) in listing.key_columns.iter().enumerate() {
+                        let datum = table.get_datum_by_ordinal(index + 2)?;
+                        key.push(datum.map(|datum| column.support.render(datum)));
+                    }
+                    rows.push(Row { data, key });
+                }
+            }
+            Ok(rows)
+        })
+        .unwrap_or_else(|error| pgrx::error!("tenant_scale: reading the page failed: {error}"))
+    }
+}
+
+/// The kept plan for `sql` with parameters of `types`, prepared on first use.
+fn kept_plan(
+    client: &SpiClient<'_>,
+    sql: &str,
+    types: &[pg_sys::Oid],
+) -> SpiResult<Rc<OwnedPreparedStatement>> {
+    let cache_key = (sql.to_string(), types.to_vec());
+    if let Some(plan) = PLANS.with(|plans| plans.borrow().get(&cache_key).cloned()) {
+        return Ok(plan);
+    }
+    let oids: Vec<PgOid> = types.iter().map(|oid| PgOid::from(*oid)).collect();
+    let plan = Rc::new(client.prepare(sql, &oids)?.keep());
+    PLANS.with(|plans| {
+        let mut plans = plans.borrow_mut();
+        if plans.len() >= MAX_KEPT_PLANS {
+            plans.clear();
+        }
+        plans.insert(cache_key, plan.clone());
+    });
+    Ok(plan)
+}
+
+/// The cursor secret and the relation's own page limit, read as the bootstrap superuser: the caller
+/// may not read `tenant_scale.cursor_secret` (else it could forge cursors). The query text is fixed
+/// and fully qualified, and SECURITY_RESTRICTED_OPERATION forbids anything but reading.
+fn listing_settings(relation: pg_sys::Oid) -> (Vec<u8>, Option<i32>) {
+    const SETTINGS: &str = "SELECT (SELECT secret FROM tenant_scale.cursor_secret), \
+                            (SELECT max_page_size FROM tenant_scale.page_limits WHERE relation = $1)";
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: the documented way to run a step as another role, as SECURITY DEFINER does; an error
+    // raised in between is restored by transaction (or subtransaction) abort.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+    }
+    let settings = Spi::connect(|client| -> SpiResult<(Option<Vec<u8>>, Option<i32>)> {
+        let plan = kept_plan(client, SETTINGS, &[pg_sys::REGCLASSOID])?;
+        let args = [unsafe { pgrx::datum::DatumWithOid::new(relation, pg_sys::REGCLASSOID) }];
+        let row = client.select(&*plan, Some(1), &args)?.first();
+        Ok((row.get::<Vec<u8>>(1)?, row.get::<i32>(2)?))
+    });
+    // SAFETY: restores exactly what was saved above.
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    match settings {
+        Ok((Some(secret), limit)) => (secret, limit),
+        Ok((None, _)) => {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "tenant_scale.cursor_secret holds no secret",
+                "tenant_scale.keyset_page",
+            )
+            .set_detail(
+                "Cursors are signed with the secret in tenant_scale.cursor_secret, and its row was deleted.",
+            )
+            .set_hint("As a superuser, run SELECT tenant_scale.rotate_cursor_secret();")
+            .report(PgLogLevel::ERROR);
+            unreachable!("an ERROR report does not return")
+        }
+        Err(error) => pgrx::error!("tenant_scale: reading pagination settings failed: {error}"),
+    }
+}
