@@ -119,11 +119,12 @@ fn keyset_page_explain(
 ) -> SetOfIterator<'static, String> {
     let request = Request::new(relation, order_by, page_size, cursor, filter);
     let scan = request.first_scan();
-    let lines = Spi::connect(|client| -> SpiResult<Vec<String>> {
+    let lines = Spi::connect_mut(|client| -> SpiResult<Vec<String>> {
         let mut lines = Vec::new();
         for sql in &scan.statements {
             let explain = format!("EXPLAIN (COSTS OFF) {sql}");
-            for row in client.select(explain.as_str(), None, &scan.args())? {
+            // EXPLAIN is a utility statement, which SPI runs only outside read-only mode.
+            for row in client.update(explain.as_str(), None, &scan.args())? {
                 lines.push(row.get::<String>(1)?.unwrap_or_default());
             }
         }
