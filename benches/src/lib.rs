@@ -94,9 +94,14 @@ impl Comparison {
 
     /// Median over rounds of `variant / baseline`, for the variant at `index`.
     pub fn median_ratio(&self, index: usize) -> f64 {
-        let baseline = &self.variants[0].1;
+        self.median_ratio_to(index, 0)
+    }
+
+    /// Median over rounds of `variant / other`, for two variants measured in the same rounds.
+    pub fn median_ratio_to(&self, index: usize, other: usize) -> f64 {
+        let base = &self.variants[other].1;
         let ratios: Vec<f64> =
-            self.variants[index].1.iter().zip(baseline).map(|(figure, base)| figure / base).collect();
+            self.variants[index].1.iter().zip(base).map(|(figure, base)| figure / base).collect();
         median(&ratios)
     }
 
@@ -161,6 +166,7 @@ mod tests {
         // figures (100 and 95) would say the same only by chance.
         assert!((comparison.median_ratio(1) - 0.95).abs() < 1e-9);
         assert!(comparison.report().contains("median ratio to plain 0.950x"));
+        assert!((comparison.median_ratio_to(0, 1) - 1.0 / 0.95).abs() < 1e-9);
         assert_eq!(median(&[3.0, 1.0, 2.0, 4.0]), 2.5);
     }
 }

@@ -31,12 +31,14 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use pgrx::datum::JsonString;
+use std::ffi::CString;
+
+use pgrx::datum::{DatumWithOid, JsonString};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, JsonB, PgRelation};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use catalog::{Column, TypeSupport};
 use cursor::{Cursor, CursorError, Direction, Fingerprint};
@@ -85,26 +87,30 @@ fn keyset_page(
     page_size: default!(Option<i32>, 20),
     cursor: default!(Option<&str>, "NULL"),
     filter: default!(Option<JsonB>, "'{}'"),
-) -> JsonB {
+) -> JsonbDatum {
     let request = Request::new(relation, order_by, page_size, cursor, filter);
-    let page = request.page();
-    let cursor_for = |direction, row: Option<&Row>| {
-        row.map(|row| {
-            Cursor { direction, key: row.key.clone() }.encode(&request.secret, &request.listing.fingerprint)
-        })
-    };
-    let next_cursor = if page.has_next { cursor_for(Direction::After, page.rows.last()) } else { None };
-    let prev_cursor = if page.has_prev { cursor_for(Direction::Before, page.rows.first()) } else { None };
-    let rows: Vec<Value> = page.rows.into_iter().map(|row| row.data).collect();
-    JsonB(json!({
-        "data": rows,
-        "page_size": request.page_size,
-        "has_next": page.has_next,
-        "has_prev": page.has_prev,
-        "next_cursor": next_cursor,
-        "prev_cursor": prev_cursor,
-    }))
+    let text = Spi::connect(|client| request.page(client))
+        .unwrap_or_else(|error| pgrx::error!("tenant_scale: reading the page failed: {error}"));
+    let text =
+        CString::new(text).unwrap_or_else(|_| pgrx::error!("tenant_scale: to_json produced a NUL byte"));
+    // SAFETY: jsonb_in reads a NUL-terminated string; outside Spi::connect its result is allocated in
+    // this call's memory context, which PostgreSQL keeps for the returned value.
+    let page =
+        unsafe { pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[text.as_c_str().into_datum()]) };
+    JsonbDatum(page.unwrap_or_else(|| pgrx::error!("tenant_scale: jsonb_in returned NULL")))
 }
+
+/// A jsonb value made by `jsonb_in`, returned as it is.
+pub(crate) struct JsonbDatum(pg_sys::Datum);
+
+// SAFETY: the datum is a jsonb value allocated in the function's caller's memory context.
+unsafe impl pgrx::callconv::BoxRet for JsonbDatum {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut pgrx::callconv::FcInfo<'fcx>) -> pgrx::datum::Datum<'fcx> {
+        unsafe { fcinfo.return_raw_datum(self.0) }
+    }
+}
+
+pgrx::impl_sql_translatable!(JsonbDatum, "jsonb");
 
 /// The plan of every statement `keyset_page` would run for these arguments, in the order it would
 /// run them (EXPLAIN (COSTS OFF), with the values bound): to check that a listing uses an index.
@@ -189,19 +195,16 @@ struct Request {
 /// Up to page_size + 1 rows in scan order, and the statements and arguments that fetch them.
 struct Scan {
     forward: bool,
+    key_count: usize,
     statements: Vec<String>,
     args: Vec<(pg_sys::Datum, pg_sys::Oid)>,
 }
 
+/// A fetched row: its JSON text and its sort-key values (`None` for NULL), which stay valid until the
+/// SPI connection that fetched them closes.
 struct Row {
-    data: Value,
-    key: Vec<Option<String>>,
-}
-
-struct Page {
-    rows: Vec<Row>,
-    has_next: bool,
-    has_prev: bool,
+    data: String,
+    key: Vec<Option<pg_sys::Datum>>,
 }
 
 impl Request {
@@ -249,15 +252,18 @@ impl Request {
         }
     }
 
-    fn page(&self) -> Page {
+    /// The page as JSON text. The rows arrive as JSON text (`to_json`, as a hand-written json_agg query
+    /// would make them) and are copied in as they are: no value passes through a Rust JSON type, so
+    /// nothing is rounded; keyset_page reads the whole page with `jsonb_in` once.
+    fn page(&self, client: &SpiClient<'_>) -> SpiResult<String> {
         let scan = self.first_scan();
-        let mut rows = scan.run(self.page_size + 1, &self.listing);
+        let mut rows = scan.run(client, self.page_size + 1)?;
         let (mut forward, mut from_cursor) = (scan.forward, self.cursor.is_some());
         if from_cursor && rows.is_empty() {
             // Everything past the cursor is gone (deleted since the cursor was made): the page at that
             // end of the listing is the closest thing that exists.
             let from_end = self.listing.scan(!forward, None, self.page_size);
-            rows = from_end.run(self.page_size + 1, &self.listing);
+            rows = from_end.run(client, self.page_size + 1)?;
             (forward, from_cursor) = (from_end.forward, false);
         }
         let more = rows.len() > self.page_size;
@@ -266,7 +272,31 @@ impl Request {
             rows.reverse();
         }
         let (has_next, has_prev) = if forward { (more, from_cursor) } else { (from_cursor, more) };
-        Page { has_next: has_next && !rows.is_empty(), has_prev: has_prev && !rows.is_empty(), rows }
+        let cursor_at = |direction, row: Option<&Row>| -> String {
+            let Some(row) = row.filter(|_| if direction == Direction::After { has_next } else { has_prev })
+            else {
+                return "null".to_string();
+            };
+            let key = row.key.iter().zip(&self.listing.key_columns);
+            let key = key.map(|(value, column)| value.map(|datum| column.support.render(datum))).collect();
+            // base64url needs no JSON escaping.
+            format!("\"{}\"", Cursor { direction, key }.encode(&self.secret, &self.listing.fingerprint))
+        };
+        let mut text = String::with_capacity(rows.iter().map(|row| row.data.len() + 1).sum::<usize>() + 256);
+        text.push_str("{\"data\": [");
+        for (index, row) in rows.iter().enumerate() {
+            if index > 0 {
+                text.push(',');
+            }
+            text.push_str(&row.data);
+        }
+        text.push_str(&format!(
+            "], \"page_size\": {}, \"has_next\": {has_next}, \"has_prev\": {has_prev}, \"next_cursor\": {}, \"prev_cursor\": {}}}",
+            self.page_size,
+            cursor_at(Direction::After, rows.last()),
+            cursor_at(Direction::Before, rows.first()),
+        ));
+        Ok(text)
     }
 }
 
@@ -418,7 +448,7 @@ impl ResolvedListing {
                 listing.after_key(&params)
             }
         };
-        Scan { forward, statements, args }
+        Scan { forward, key_count: self.keys.len(), statements, args }
     }
 }
 
@@ -462,12 +492,12 @@ fn json_scalar_text(value: &Value) -> Option<String> {
 }
 
 impl Scan {
-    fn args(&self) -> Vec<pgrx::datum::DatumWithOid<'static>> {
+    fn args(&self) -> Vec<DatumWithOid<'static>> {
         self.args
             .iter()
             // SAFETY: each datum was made by the input function of the type it is paired with, in
             // this call's memory context, which outlives the statements.
-            .map(|(datum, oid)| unsafe { pgrx::datum::DatumWithOid::new(*datum, *oid) })
+            .map(|(datum, oid)| unsafe { DatumWithOid::new(*datum, *oid) })
             .collect()
     }
 
@@ -476,34 +506,27 @@ impl Scan {
     }
 
     /// Runs the statements in order until `wanted` rows are in.
-    fn run(&self, wanted: usize, listing: &ResolvedListing) -> Vec<Row> {
+    fn run(&self, client: &SpiClient<'_>, wanted: usize) -> SpiResult<Vec<Row>> {
         let args = self.args();
         let types = self.types();
-        Spi::connect(|client| -> SpiResult<Vec<Row>> {
-            let mut rows = Vec::with_capacity(wanted);
-            for sql in &self.statements {
-                let missing = wanted - rows.len();
-                if missing == 0 {
-                    break;
-                }
-                let plan = kept_plan(client, sql, &types)?;
-                let mut table = client.select(&*plan, Some(missing as i64), &args)?;
-                while table.next().is_some() {
-                    let JsonString(text) = table.get::<JsonString>(1)?.unwrap_or(JsonString("null".into()));
-                    let data = serde_json::from_str(&text).unwrap_or_else(|error| {
-                        pgrx::error!("tenant_scale: to_json produced invalid JSON: {error}")
-                    });
-                    let mut key = Vec::with_capacity(listing.key_columns.len());
-                    for (index, column) in listing.key_columns.iter().enumerate() {
-                        let datum = table.get_datum_by_ordinal(index + 2)?;
-                        key.push(datum.map(|datum| column.support.render(datum)));
-                    }
-                    rows.push(Row { data, key });
-                }
+        let mut rows = Vec::with_capacity(wanted);
+        for sql in &self.statements {
+            let missing = wanted - rows.len();
+            if missing == 0 {
+                break;
             }
-            Ok(rows)
-        })
-        .unwrap_or_else(|error| pgrx::error!("tenant_scale: reading the page failed: {error}"))
+            let plan = kept_plan(client, sql, &types)?;
+            let mut table = client.select(&*plan, Some(missing as i64), &args)?;
+            while table.next().is_some() {
+                let JsonString(data) =
+                    table.get::<JsonString>(1)?.unwrap_or_else(|| JsonString("null".into()));
+                let key = (0..self.key_count)
+                    .map(|index| table.get_datum_by_ordinal(index + 2))
+                    .collect::<SpiResult<_>>()?;
+                rows.push(Row { data, key });
+            }
+        }
+        Ok(rows)
     }
 }
 
@@ -549,7 +572,7 @@ fn listing_settings(relation: pg_sys::Oid) -> (Vec<u8>, Option<i32>) {
     }
     let settings = Spi::connect(|client| -> SpiResult<(Option<Vec<u8>>, Option<i32>)> {
         let plan = kept_plan(client, SETTINGS, &[pg_sys::REGCLASSOID])?;
-        let args = [unsafe { pgrx::datum::DatumWithOid::new(relation, pg_sys::REGCLASSOID) }];
+        let args = [unsafe { DatumWithOid::new(relation, pg_sys::REGCLASSOID) }];
         let row = client.select(&*plan, Some(1), &args)?.first();
         Ok((row.get::<Vec<u8>>(1)?, row.get::<i32>(2)?))
     });
