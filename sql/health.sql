@@ -13,7 +13,9 @@
 -- error) instead.
 --
 -- Privileges: health() tells which checks fail and why (table names, replication peers), so it is for
--- pg_monitor members (and superusers), not PUBLIC.
+-- pg_monitor members (and superusers), not PUBLIC. pg_monitor gets USAGE on the schema for that; other
+-- roles get it only when a DBA grants it (applications calling keyset_page or replica_status need it).
+GRANT USAGE ON SCHEMA tenant_scale TO pg_monitor;
 
 CREATE FUNCTION tenant_scale.health()
 RETURNS TABLE ("check" text, ok boolean, detail text)

@@ -1,6 +1,8 @@
 -- keyset_page(relation, order_by, page_size => 20, cursor => NULL, filter => '{}'): one page of a
 -- relation in any order, with cursors instead of OFFSET. Each page is a seek through an index, so the
 -- 1000th page costs what the first one does.
+-- Timestamps below are shown in UTC.
+SET timezone = 'UTC';
 CREATE TABLE orders (
     id int PRIMARY KEY,
     company_id int NOT NULL,
