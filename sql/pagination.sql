@@ -41,6 +41,14 @@ REVOKE ALL ON FUNCTION tenant_scale.rotate_cursor_secret() FROM PUBLIC;
 COMMENT ON FUNCTION tenant_scale.rotate_cursor_secret() IS
     'Replaces the cursor signing key; every keyset_page cursor handed out before is refused afterwards.';
 
+-- Each backend caches both tables (src/pagination/settings.rs); a change makes them forget it.
+CREATE TRIGGER page_limits_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenant_scale.page_limits
+    FOR EACH STATEMENT EXECUTE FUNCTION tenant_scale.pagination_settings_changed();
+CREATE TRIGGER cursor_secret_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenant_scale.cursor_secret
+    FOR EACH STATEMENT EXECUTE FUNCTION tenant_scale.pagination_settings_changed();
+
 SELECT tenant_scale.rotate_cursor_secret();
 
 COMMENT ON FUNCTION tenant_scale.keyset_page(regclass, text[], integer, text, jsonb) IS

@@ -7,8 +7,7 @@
 //! - It runs as the caller (SECURITY INVOKER, no elevated rights), so table privileges and row level
 //!   security apply to every row it returns. The one exception is reading the extension's own
 //!   settings (the cursor secret and the per-relation page limit), which happens as the bootstrap
-//!   superuser in a fixed query under SECURITY_RESTRICTED_OPERATION, never with caller input in the
-//!   text (`listing_settings`).
+//!   superuser in a fixed query, never with caller input in the text (settings.rs).
 //! - Nothing the caller passes reaches SQL text: columns are matched against the catalog and the
 //!   catalog's names are quoted; operators are the column types' btree operators, schema-qualified;
 //!   filter values and cursor keys are bound parameters of the column's type (query.rs).
@@ -26,6 +25,7 @@ mod catalog;
 mod cursor;
 mod order;
 mod query;
+mod settings;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -60,7 +60,7 @@ thread_local! {
 pgrx::extension_sql_file!(
     "../../sql/pagination.sql",
     name = "pagination",
-    requires = [keyset_page, keyset_page_explain]
+    requires = [keyset_page, keyset_page_explain, settings::pagination_settings_changed]
 );
 
 pub(crate) fn register_gucs() {
@@ -223,7 +223,7 @@ impl Request {
         });
         let filter = filter.map_or_else(|| Value::Object(Map::new()), |filter| filter.0);
         let listing = ResolvedListing::new(&relation, &order_by, &filter);
-        let (secret, relation_limit) = listing_settings(relation.oid());
+        let (secret, relation_limit) = settings::for_relation(relation.oid());
         let page_size = checked_page_size(page_size, relation_limit, &relation);
         let cursor = cursor.map(|text| {
             let decoded = Cursor::decode(text, &secret, &listing.fingerprint).and_then(|cursor| {
@@ -550,49 +550,4 @@ fn kept_plan(
         plans.insert(cache_key, plan.clone());
     });
     Ok(plan)
-}
-
-/// The cursor secret and the relation's own page limit, read as the bootstrap superuser: the caller
-/// may not read `tenant_scale.cursor_secret` (else it could forge cursors). The query text is fixed
-/// and fully qualified, and SECURITY_RESTRICTED_OPERATION forbids anything but reading.
-fn listing_settings(relation: pg_sys::Oid) -> (Vec<u8>, Option<i32>) {
-    const SETTINGS: &str = "SELECT (SELECT secret FROM tenant_scale.cursor_secret), \
-                            (SELECT max_page_size FROM tenant_scale.page_limits WHERE relation = $1)";
-    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    // SAFETY: the documented way to run a step as another role, as SECURITY DEFINER does; an error
-    // raised in between is restored by transaction (or subtransaction) abort.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            context
-                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
-                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
-        );
-    }
-    let settings = Spi::connect(|client| -> SpiResult<(Option<Vec<u8>>, Option<i32>)> {
-        let plan = kept_plan(client, SETTINGS, &[pg_sys::REGCLASSOID])?;
-        let args = [unsafe { DatumWithOid::new(relation, pg_sys::REGCLASSOID) }];
-        let row = client.select(&*plan, Some(1), &args)?.first();
-        Ok((row.get::<Vec<u8>>(1)?, row.get::<i32>(2)?))
-    });
-    // SAFETY: restores exactly what was saved above.
-    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
-    match settings {
-        Ok((Some(secret), limit)) => (secret, limit),
-        Ok((None, _)) => {
-            ErrorReport::new(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "tenant_scale.cursor_secret holds no secret",
-                "tenant_scale.keyset_page",
-            )
-            .set_detail(
-                "Cursors are signed with the secret in tenant_scale.cursor_secret, and its row was deleted.",
-            )
-            .set_hint("As a superuser, run SELECT tenant_scale.rotate_cursor_secret();")
-            .report(PgLogLevel::ERROR);
-            unreachable!("an ERROR report does not return")
-        }
-        Err(error) => pgrx::error!("tenant_scale: reading pagination settings failed: {error}"),
-    }
 }

@@ -182,9 +182,15 @@ fn tampered_foreign_and_injected_arguments_get_22023_and_never_other_rows() {
         assert_eq!(sqlstate(&error), "22023", "{relation} {order_by:?} {filter}");
         assert!(message(&error).contains("cursor"), "{error}");
     }
-    // After rotating the secret, old cursors are refused.
-    client.batch_execute("SELECT tenant_scale.rotate_cursor_secret()").unwrap();
+    // After another session rotates the secret, this session (which cached the old one) refuses old
+    // cursors too, and so does a page limit set by another session apply here at once.
+    let mut admin = cluster.connect().unwrap();
+    admin.batch_execute("SELECT tenant_scale.rotate_cursor_secret()").unwrap();
     assert_eq!(sqlstate(&page(&mut client, "things", &["a"], 5, Some(&cursor), "{}").unwrap_err()), "22023");
+    admin.batch_execute("INSERT INTO tenant_scale.page_limits VALUES ('things', 4)").unwrap();
+    assert_eq!(sqlstate(&page(&mut client, "things", &["a"], 5, None, "{}").unwrap_err()), "22023");
+    admin.batch_execute("TRUNCATE tenant_scale.page_limits").unwrap();
+    assert!(page(&mut client, "things", &["a"], 5, None, "{}").is_ok());
 
     // Injection attempts in order_by and filter keys are unknown columns or bad syntax, named.
     let injected_orders: [&[&str]; 5] = [
