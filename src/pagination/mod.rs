@@ -33,7 +33,7 @@ use std::rc::Rc;
 
 use std::ffi::CString;
 
-use pgrx::datum::{DatumWithOid, JsonString};
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
@@ -92,7 +92,7 @@ fn keyset_page(
     let text = Spi::connect(|client| request.page(client))
         .unwrap_or_else(|error| pgrx::error!("tenant_scale: reading the page failed: {error}"));
     let text =
-        CString::new(text).unwrap_or_else(|_| pgrx::error!("tenant_scale: to_json produced a NUL byte"));
+        CString::new(text).unwrap_or_else(|_| pgrx::error!("tenant_scale: JSON text holds a NUL byte"));
     // SAFETY: jsonb_in reads a NUL-terminated string; outside Spi::connect its result is allocated in
     // this call's memory context, which PostgreSQL keeps for the returned value.
     let page =
@@ -203,7 +203,8 @@ struct Scan {
 /// A fetched row: its JSON text and its sort-key values (`None` for NULL), which stay valid until the
 /// SPI connection that fetched them closes.
 struct Row {
-    data: String,
+    /// to_json's text, in the server encoding.
+    data: Vec<u8>,
     key: Vec<Option<pg_sys::Datum>>,
 }
 
@@ -255,7 +256,7 @@ impl Request {
     /// The page as JSON text. The rows arrive as JSON text (`to_json`, as a hand-written json_agg query
     /// would make them) and are copied in as they are: no value passes through a Rust JSON type, so
     /// nothing is rounded; keyset_page reads the whole page with `jsonb_in` once.
-    fn page(&self, client: &SpiClient<'_>) -> SpiResult<String> {
+    fn page(&self, client: &SpiClient<'_>) -> SpiResult<Vec<u8>> {
         let scan = self.first_scan();
         let mut rows = scan.run(client, self.page_size + 1)?;
         let (mut forward, mut from_cursor) = (scan.forward, self.cursor.is_some());
@@ -282,20 +283,21 @@ impl Request {
             // base64url needs no JSON escaping.
             format!("\"{}\"", Cursor { direction, key }.encode(&self.secret, &self.listing.fingerprint))
         };
-        let mut text = String::with_capacity(rows.iter().map(|row| row.data.len() + 1).sum::<usize>() + 256);
-        text.push_str("{\"data\": [");
+        let mut text = Vec::with_capacity(rows.iter().map(|row| row.data.len() + 1).sum::<usize>() + 256);
+        text.extend_from_slice(b"{\"data\": [");
         for (index, row) in rows.iter().enumerate() {
             if index > 0 {
-                text.push(',');
+                text.push(b',');
             }
-            text.push_str(&row.data);
+            text.extend_from_slice(&row.data);
         }
-        text.push_str(&format!(
+        let tail = format!(
             "], \"page_size\": {}, \"has_next\": {has_next}, \"has_prev\": {has_prev}, \"next_cursor\": {}, \"prev_cursor\": {}}}",
             self.page_size,
             cursor_at(Direction::After, rows.last()),
             cursor_at(Direction::Before, rows.first()),
-        ));
+        );
+        text.extend_from_slice(tail.as_bytes());
         Ok(text)
     }
 }
@@ -518,8 +520,11 @@ impl Scan {
             let plan = kept_plan(client, sql, &types)?;
             let mut table = client.select(&*plan, Some(missing as i64), &args)?;
             while table.next().is_some() {
-                let JsonString(data) =
-                    table.get::<JsonString>(1)?.unwrap_or_else(|| JsonString("null".into()));
+                let data = match table.get_datum_by_ordinal(1)? {
+                    // SAFETY: a json datum of this tuple, read while its tuple table is alive.
+                    Some(datum) => unsafe { varlena_bytes(datum) },
+                    None => b"null".to_vec(),
+                };
                 let key = (0..self.key_count)
                     .map(|index| table.get_datum_by_ordinal(index + 2))
                     .collect::<SpiResult<_>>()?;
@@ -527,6 +532,24 @@ impl Scan {
             }
         }
         Ok(rows)
+    }
+}
+
+/// The bytes of a text-like varlena (json here), in the server encoding.
+///
+/// # Safety
+/// `datum` must be a non-null varlena datum that stays valid during the call.
+unsafe fn varlena_bytes(datum: pg_sys::Datum) -> Vec<u8> {
+    unsafe {
+        let original = datum.cast_mut_ptr::<pg_sys::varlena>();
+        let plain = pg_sys::pg_detoast_datum_packed(original);
+        let bytes =
+            std::slice::from_raw_parts(pgrx::vardata_any(plain).cast::<u8>(), pgrx::varsize_any_exhdr(plain))
+                .to_vec();
+        if plain != original {
+            pg_sys::pfree(plain.cast());
+        }
+        bytes
     }
 }
 
