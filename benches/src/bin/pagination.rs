@@ -108,24 +108,12 @@ fn cursor_at_depth(client: &mut postgres::Client, depth: i64) -> Result<String> 
 
 /// Both queries must return the same rows, or the comparison would mean nothing.
 fn check_same_rows(client: &mut postgres::Client, seek: &str, keyset: &str) -> Result<()> {
-    let seek_ids: String = client
-        .query_one(
-            &format!(
-                "SELECT string_agg(r->>'id', ',') FROM json_array_elements(({})) r",
-                seek.trim_end_matches([';', '\n'])
-            ),
-            &[],
-        )?
-        .get(0);
-    let keyset_ids: String = client
-        .query_one(
-            &format!(
-                "SELECT string_agg(r->>'id', ',') FROM jsonb_array_elements(({})->'data') r",
-                keyset.trim_end_matches([';', '\n'])
-            ),
-            &[],
-        )?
-        .get(0);
+    let statement = |script: &str| script.trim_end_matches([';', '\n']).to_string();
+    let mut ids = |rows: String| -> Result<String> {
+        Ok(client.query_one(&format!("SELECT string_agg(r->>'id', ',') FROM {rows} r"), &[])?.get(0))
+    };
+    let seek_ids = ids(format!("json_array_elements(({}))", statement(seek)))?;
+    let keyset_ids = ids(format!("jsonb_array_elements(({})->'data')", statement(keyset)))?;
     if seek_ids != keyset_ids {
         bail!("keyset_page returned {keyset_ids}, the hand-written seek {seek_ids}");
     }
