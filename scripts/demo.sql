@@ -11,6 +11,9 @@ SHOW shared_preload_libraries;
 SELECT tenant_scale.version();
 
 -- Keyset pagination: pages of a 100,000-row table, each a seek through an index (no OFFSET).
+SET client_min_messages = warning;
+DROP TABLE IF EXISTS demo_orders;
+RESET client_min_messages;
 CREATE TABLE demo_orders (id int PRIMARY KEY, company_id int NOT NULL, placed_at timestamptz NOT NULL, total numeric(10, 2));
 INSERT INTO demo_orders
 SELECT g, g % 50 + 1, timestamptz '2024-01-01' + (g / 2) * interval '1 minute', (g % 997) / 10.0
