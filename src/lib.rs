@@ -10,6 +10,7 @@ mod health;
 mod pagination;
 mod replica;
 mod shmem;
+mod stats;
 
 pgrx::pg_module_magic!(name, version);
 
@@ -22,7 +23,11 @@ pub extern "C-unwind" fn _PG_init() {
     shmem::note_library_load();
     pagination::register_gucs();
     replica::register_gucs();
+    stats::register_gucs();
     reserve_guc_prefix();
+    stats::register_shared_memory();
+    stats::install_hooks();
+    stats::register_worker();
 }
 
 fn reserve_guc_prefix() {
