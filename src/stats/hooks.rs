@@ -5,6 +5,14 @@
 //! - Every hook chains to the hook it replaced (saved in `PREV_*`, set once in the postmaster's
 //!   `_PG_init`), or to the standard function, as pg_stat_statements does; other modules (quota)
 //!   install hooks of their own and keep their own saved pointers.
+//! - The chained call is made directly, not through pgrx's `pg_guard_ffi_boundary`: an error raised
+//!   by the rest of the executor must reach the client exactly as PostgreSQL raised it (a round trip
+//!   through a Rust panic would drop its error position, CONTEXT lines and constraint name, and
+//!   append a Rust backtrace when RUST_BACKTRACE is set). So nothing with a destructor is alive in a
+//!   hook's frame during the chained call, and the nesting depth, which that error skips restoring,
+//!   is restored by the transaction callbacks: 0 when the transaction aborts, the depth at which a
+//!   subtransaction started when it aborts (plpgsql EXCEPTION blocks; a SAVEPOINT starts its
+//!   subtransaction at depth 0, when its statement ends).
 //! - `Backend` is this backend's private state, touched only from the main thread. No `RefCell`
 //!   borrow is held across a call that can raise a PostgreSQL error, and emit_log_hook only
 //!   `try_borrow`s, so an error raised anywhere can never meet a borrowed cell.
@@ -63,6 +71,8 @@ struct PendingSnapshot {
 struct Backend {
     /// Executor and utility nesting depth: 0 for statements sent by the client.
     nesting: Cell<u32>,
+    /// Nesting depth at the start of each open subtransaction, innermost last.
+    subxact_nesting: RefCell<Vec<u32>>,
     captures: RefCell<Vec<Capture>>,
     pending_errors: RefCell<Vec<(CompanyKey, i64)>>,
     pending_snapshots: RefCell<Vec<PendingSnapshot>>,
@@ -119,33 +129,76 @@ fn tracking(nesting: u32) -> bool {
         }
 }
 
-/// Raises the nesting depth for as long as it lives, also while an error unwinds.
-struct Nested;
-
-impl Nested {
-    fn enter() -> Self {
-        BACKEND.with(|backend| backend.nesting.set(backend.nesting.get() + 1));
-        Nested
-    }
+fn nesting() -> u32 {
+    BACKEND.with(|backend| backend.nesting.get())
 }
 
-impl Drop for Nested {
-    fn drop(&mut self) {
-        BACKEND.with(|backend| backend.nesting.set(backend.nesting.get().saturating_sub(1)));
+/// Runs `chained` one level deeper. If it raises an error, the level is restored by the
+/// transaction callbacks, not here (see the module documentation).
+#[inline]
+unsafe fn nested(chained: impl FnOnce()) {
+    BACKEND.with(|backend| backend.nesting.set(backend.nesting.get() + 1));
+    chained();
+    BACKEND.with(|backend| backend.nesting.set(backend.nesting.get().saturating_sub(1)));
+}
+
+/// The standard executor and utility functions, declared here without pgrx's error conversion so that
+/// their errors pass through the hooks untouched.
+mod standard {
+    use std::ffi::{c_char, c_int};
+
+    use pgrx::pg_sys::{
+        DestReceiver, ParamListInfo, PlannedStmt, ProcessUtilityContext, QueryCompletion, QueryDesc,
+        QueryEnvironment, ScanDirection,
+    };
+
+    unsafe extern "C-unwind" {
+        pub(super) fn standard_ExecutorStart(query: *mut QueryDesc, eflags: c_int);
+        #[cfg(not(feature = "pg18"))]
+        pub(super) fn standard_ExecutorRun(
+            query: *mut QueryDesc,
+            direction: ScanDirection::Type,
+            count: u64,
+            execute_once: bool,
+        );
+        #[cfg(feature = "pg18")]
+        pub(super) fn standard_ExecutorRun(query: *mut QueryDesc, direction: ScanDirection::Type, count: u64);
+        pub(super) fn standard_ExecutorFinish(query: *mut QueryDesc);
+        pub(super) fn standard_ExecutorEnd(query: *mut QueryDesc);
+        #[cfg(not(feature = "pg13"))]
+        pub(super) fn standard_ProcessUtility(
+            statement: *mut PlannedStmt,
+            query_string: *const c_char,
+            read_only_tree: bool,
+            context: ProcessUtilityContext::Type,
+            params: ParamListInfo,
+            query_env: *mut QueryEnvironment,
+            dest: *mut DestReceiver,
+            completion: *mut QueryCompletion,
+        );
+        #[cfg(feature = "pg13")]
+        pub(super) fn standard_ProcessUtility(
+            statement: *mut PlannedStmt,
+            query_string: *const c_char,
+            context: ProcessUtilityContext::Type,
+            params: ParamListInfo,
+            query_env: *mut QueryEnvironment,
+            dest: *mut DestReceiver,
+            completion: *mut QueryCompletion,
+        );
     }
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: c_int) {
     let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int != 0;
-    let nesting = BACKEND.with(|backend| backend.nesting.get());
-    let attribution = (!explain_only && tracking(nesting))
+    let attribution = (!explain_only && tracking(nesting()))
         .then(|| current_company().map_or(Attribution::Unattributed, Attribution::Company));
     // SAFETY: chaining as PostgreSQL documents; the previous hook is a C function that may raise.
     unsafe {
         match PREV_EXECUTOR_START {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(query, eflags)),
-            None => pg_sys::standard_ExecutorStart(query, eflags),
+            Some(prev) => prev(query, eflags),
+            None => standard::standard_ExecutorStart(query, eflags),
         }
     }
     let Some(attribution) = attribution else { return };
@@ -181,13 +234,12 @@ unsafe extern "C-unwind" fn executor_run(
     count: u64,
     execute_once: bool,
 ) {
-    let _nested = Nested::enter();
     // SAFETY: chaining as PostgreSQL documents.
     unsafe {
-        match PREV_EXECUTOR_RUN {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(query, direction, count, execute_once)),
-            None => pg_sys::standard_ExecutorRun(query, direction, count, execute_once),
-        }
+        nested(|| match PREV_EXECUTOR_RUN {
+            Some(prev) => prev(query, direction, count, execute_once),
+            None => standard::standard_ExecutorRun(query, direction, count, execute_once),
+        })
     }
 }
 
@@ -198,25 +250,23 @@ unsafe extern "C-unwind" fn executor_run(
     direction: pg_sys::ScanDirection::Type,
     count: u64,
 ) {
-    let _nested = Nested::enter();
     // SAFETY: chaining as PostgreSQL documents.
     unsafe {
-        match PREV_EXECUTOR_RUN {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(query, direction, count)),
-            None => pg_sys::standard_ExecutorRun(query, direction, count),
-        }
+        nested(|| match PREV_EXECUTOR_RUN {
+            Some(prev) => prev(query, direction, count),
+            None => standard::standard_ExecutorRun(query, direction, count),
+        })
     }
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
-    let _nested = Nested::enter();
     // SAFETY: chaining as PostgreSQL documents.
     unsafe {
-        match PREV_EXECUTOR_FINISH {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(query)),
-            None => pg_sys::standard_ExecutorFinish(query),
-        }
+        nested(|| match PREV_EXECUTOR_FINISH {
+            Some(prev) => prev(query),
+            None => standard::standard_ExecutorFinish(query),
+        })
     }
 }
 
@@ -235,8 +285,8 @@ unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
     // SAFETY: chaining as PostgreSQL documents.
     unsafe {
         match PREV_EXECUTOR_END {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(query)),
-            None => pg_sys::standard_ExecutorEnd(query),
+            Some(prev) => prev(query),
+            None => standard::standard_ExecutorEnd(query),
         }
     }
 }
@@ -275,14 +325,13 @@ unsafe extern "C-unwind" fn process_utility(
 ) {
     // Utility commands are not counted, but what they run (CALL, DO, EXPLAIN ANALYZE, CREATE TABLE AS)
     // is nested inside them, not a statement of the client's.
-    let _nested = Nested::enter();
     // SAFETY: chaining as PostgreSQL documents.
     unsafe {
-        match PREV_PROCESS_UTILITY {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
+        nested(|| match PREV_PROCESS_UTILITY {
+            Some(prev) => {
                 prev(statement, query_string, read_only_tree, context, params, query_env, dest, completion)
-            }),
-            None => pg_sys::standard_ProcessUtility(
+            }
+            None => standard::standard_ProcessUtility(
                 statement,
                 query_string,
                 read_only_tree,
@@ -292,7 +341,7 @@ unsafe extern "C-unwind" fn process_utility(
                 dest,
                 completion,
             ),
-        }
+        })
     }
 }
 
@@ -307,14 +356,11 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     completion: *mut pg_sys::QueryCompletion,
 ) {
-    let _nested = Nested::enter();
     // SAFETY: chaining as PostgreSQL documents.
     unsafe {
-        match PREV_PROCESS_UTILITY {
-            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
-                prev(statement, query_string, context, params, query_env, dest, completion)
-            }),
-            None => pg_sys::standard_ProcessUtility(
+        nested(|| match PREV_PROCESS_UTILITY {
+            Some(prev) => prev(statement, query_string, context, params, query_env, dest, completion),
+            None => standard::standard_ProcessUtility(
                 statement,
                 query_string,
                 context,
@@ -323,7 +369,7 @@ unsafe extern "C-unwind" fn process_utility(
                 dest,
                 completion,
             ),
-        }
+        })
     }
 }
 
@@ -336,7 +382,7 @@ unsafe extern "C-unwind" fn emit_log(error: *mut pg_sys::ErrorData) {
     // SAFETY: chaining as PostgreSQL documents.
     unsafe {
         if let Some(prev) = PREV_EMIT_LOG {
-            pg_sys::ffi::pg_guard_ffi_boundary(|| prev(error));
+            prev(error);
         }
     }
 }
@@ -344,8 +390,8 @@ unsafe extern "C-unwind" fn emit_log(error: *mut pg_sys::ErrorData) {
 /// Remembers an ERROR for the company of the outermost statement running, or, before any statement
 /// started (a parse or planning error, a utility command), the company the setting names now.
 fn note_error() {
-    let Some(nesting) = BACKEND.try_with(|backend| backend.nesting.get()).ok() else { return };
     let _ = BACKEND.try_with(|backend| {
+        let nesting = backend.nesting.get();
         let Ok(captures) = backend.captures.try_borrow() else { return };
         let outermost = captures.first().map(|capture| capture.attribution);
         drop(captures);
@@ -408,6 +454,8 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT => {
             BACKEND.with(|backend| {
+                backend.nesting.set(0);
+                backend.subxact_nesting.borrow_mut().clear();
                 backend.captures.borrow_mut().clear();
                 backend.pending_snapshots.borrow_mut().clear();
             });
@@ -427,8 +475,14 @@ unsafe extern "C-unwind" fn subxact_callback(
     // SAFETY: the callback runs inside the subtransaction that is ending.
     let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
     match event {
+        pg_sys::SubXactEvent::SUBXACT_EVENT_START_SUB => {
+            BACKEND.with(|backend| backend.subxact_nesting.borrow_mut().push(backend.nesting.get()));
+        }
         pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
             BACKEND.with(|backend| {
+                if let Some(depth) = backend.subxact_nesting.borrow_mut().pop() {
+                    backend.nesting.set(depth);
+                }
                 backend.captures.borrow_mut().retain(|capture| capture.xact_level < level);
                 backend.pending_snapshots.borrow_mut().retain(|snapshot| snapshot.xact_level < level);
             });
@@ -436,6 +490,7 @@ unsafe extern "C-unwind" fn subxact_callback(
         }
         // What the committed subtransaction started now belongs to its parent.
         pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => BACKEND.with(|backend| {
+            backend.subxact_nesting.borrow_mut().pop();
             for capture in backend.captures.borrow_mut().iter_mut() {
                 capture.xact_level = capture.xact_level.min(level - 1);
             }
