@@ -83,17 +83,6 @@ pub(crate) fn register_gucs() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    GucRegistry::define_int_guc(
-        c"tenant_scale.max_companies",
-        c"Most (database, company) pairs tenant_scale keeps statistics for.",
-        c"Sizes the shared memory reserved at start (about 4 kB per company, see stats_info()). When \
-          full, the least active 5 % are evicted and counted in stats_info().evicted.",
-        &MAX_COMPANIES,
-        100,
-        1_000_000,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
     GucRegistry::define_float_guc(
         c"tenant_scale.problem_error_rate",
         c"Error rate above which problem_companies reports a company.",
@@ -135,14 +124,6 @@ pub(crate) fn register_gucs() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
-    GucRegistry::define_string_guc(
-        c"tenant_scale.database",
-        c"Database the snapshot worker connects to and writes stats_history in.",
-        c"The extension must be created there; until it is, the worker logs once and waits.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
     GucRegistry::define_int_guc(
         c"tenant_scale.history_days",
         c"Days of stats_history kept; older rows are deleted by each snapshot.",
@@ -153,6 +134,28 @@ pub(crate) fn register_gucs() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    // PostgreSQL refuses (FATAL) to define a server-start setting in a library loaded later.
+    if crate::shmem::is_preloaded() {
+        GucRegistry::define_int_guc(
+            c"tenant_scale.max_companies",
+            c"Most (database, company) pairs tenant_scale keeps statistics for.",
+            c"Sizes the shared memory reserved at start (about 4 kB per company, see stats_info()). When \
+              full, the least active 5 % are evicted and counted in stats_info().evicted.",
+            &MAX_COMPANIES,
+            100,
+            1_000_000,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_string_guc(
+            c"tenant_scale.database",
+            c"Database the snapshot worker connects to and writes stats_history in.",
+            c"The extension must be created there; until it is, the worker logs once and waits.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
 }
 
 /// Declares the shared-memory table (only takes effect while the library is being preloaded).

@@ -1,0 +1,98 @@
+//! benches/run stats [SECONDS] [ROUNDS]: the cost of per-company statistics on the statement path.
+//!
+//! Four clusters side by side, measured in interleaved rounds: vanilla PostgreSQL; pg_stat_statements
+//! preloaded; tenant_scale preloaded, every connection attributed to a company (one of 100 tracked
+//! ones, a different one each round); both preloaded. Workloads: pgbench -S (one indexed SELECT),
+//! a small read/write script (UPDATE + SELECT), both with 2 clients, and -S with 8 clients all on one
+//! company (every statement updates the same entry). Targets (issue 4): tenant_scale >= 0.97x vanilla
+//! on -S, and not below pg_stat_statements' ratio in the same run.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tenant_scale_benches::{Comparison, machine_header, pgbench};
+use tenant_scale_harness::{Cluster, pg_bindir};
+
+const SCALE: u32 = 5;
+const COMPANIES: u32 = 100;
+const VARIANTS: [&str; 4] = ["vanilla", "pg_stat_statements", "tenant_scale", "both"];
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let seconds: u64 = args.next().map(|arg| arg.parse()).transpose().context("SECONDS")?.unwrap_or(10);
+    let rounds: usize = args.next().map(|arg| arg.parse()).transpose().context("ROUNDS")?.unwrap_or(5);
+    let duration = Duration::from_secs(seconds);
+
+    print!("{}", machine_header()?);
+    println!("pgbench scale {SCALE}, {seconds} s per run, {rounds} interleaved rounds, prepared statements");
+
+    let clusters = [
+        Cluster::builder().without_preload().without_extension().start()?,
+        Cluster::builder()
+            .without_preload()
+            .without_extension()
+            .setting("shared_preload_libraries", "pg_stat_statements")
+            .start()?,
+        Cluster::builder().start()?,
+        Cluster::builder().setting("shared_preload_libraries", "pg_stat_statements,tenant_scale").start()?,
+    ];
+    for cluster in &clusters {
+        init_pgbench(cluster)?;
+    }
+    let attributed = [&clusters[2], &clusters[3]];
+    for cluster in attributed {
+        // 100 companies in the table, so lookups go through a populated hash table.
+        let warm_up: String = (0..COMPANIES)
+            .map(|company| format!("SET tenant_scale.company = 'company_{company}'; SELECT 1;"))
+            .collect();
+        cluster.psql(&warm_up)?;
+    }
+    let tracked = clusters[2].psql("SELECT tracked FROM tenant_scale.stats_info()")?;
+    println!("companies tracked before measuring: {tracked}");
+
+    let select_only =
+        "\\set aid random(1, 100000 * 5)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n";
+    let read_write = "\\set aid random(1, 100000 * 5)\n\\set delta random(-5000, 5000)\n\
+                      UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;\n\
+                      SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n";
+    let workloads = [
+        ("select-only (-S), 2 clients, 100 companies", select_only, 2, true),
+        ("read/write, 2 clients, 100 companies", read_write, 2, true),
+        ("select-only (-S), 8 clients, one company", select_only, 8, false),
+    ];
+    for (name, script, clients, rotate_companies) in workloads {
+        let mut comparison = Comparison::new(name, &VARIANTS, "tps");
+        let mut round = 0;
+        comparison.run(rounds, |variant| {
+            if variant == 0 {
+                round += 1;
+            }
+            if variant >= 2 {
+                let company = if rotate_companies { round as u32 % COMPANIES } else { 0 };
+                // New connections pick the role's setting up, as a pooled connection checked out for
+                // one company would have it set.
+                clusters[variant]
+                    .psql(&format!("ALTER ROLE postgres SET tenant_scale.company = 'company_{company}'"))?;
+            }
+            pgbench(&clusters[variant], script, clients, duration)
+        })?;
+        print!("{}", comparison.report());
+    }
+    let calls = clusters[2].psql("SELECT sum(calls) FROM tenant_scale.company_stats")?;
+    println!("statements counted by tenant_scale in its cluster: {calls}");
+    Ok(())
+}
+
+fn init_pgbench(cluster: &Cluster) -> Result<()> {
+    let output = Command::new(pg_bindir()?.join("pgbench"))
+        .args(["-i", "-q", "-s", &SCALE.to_string(), "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .arg("-p")
+        .arg(cluster.port().to_string())
+        .output()
+        .context("running pgbench -i")?;
+    if !output.status.success() {
+        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(())
+}
