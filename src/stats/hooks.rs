@@ -440,17 +440,17 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
                 table::commit_intervals(&snapshot.intervals);
             }
         }
-        pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => {
-            if BACKEND.with(|backend| !backend.pending_snapshots.borrow().is_empty()) {
-                ErrorReport::new(
-                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                    "cannot PREPARE a transaction that has run tenant_scale.snapshot_stats()",
-                    function_name!(),
-                )
-                .set_detail("The snapshot's baselines move only when its own transaction commits.")
-                .set_hint("Run snapshot_stats() in an ordinary transaction.")
-                .report(PgLogLevel::ERROR);
-            }
+        pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE
+            if BACKEND.with(|backend| !backend.pending_snapshots.borrow().is_empty()) =>
+        {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "cannot PREPARE a transaction that has run tenant_scale.snapshot_stats()",
+                function_name!(),
+            )
+            .set_detail("The snapshot's baselines move only when its own transaction commits.")
+            .set_hint("Run snapshot_stats() in an ordinary transaction.")
+            .report(PgLogLevel::ERROR);
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT => {
             BACKEND.with(|backend| {

@@ -25,6 +25,7 @@ fn now() -> i64 {
 /// One row per (database, company): what the view tenant_scale.company_stats shows, before the
 /// database name and the derived columns are added.
 #[pg_extern(volatile, parallel_restricted)]
+#[allow(clippy::type_complexity, reason = "pgrx reads the column names from the signature")]
 fn company_stats_raw() -> TableIterator<
     'static,
     (
@@ -127,6 +128,7 @@ fn invalid_company_id(message: &'static str, detail: Option<&str>, hint: &'stati
 /// Activity of every company since the last committed snapshot; the baselines move past it when the
 /// calling transaction commits (never if it rolls back). Used by tenant_scale.snapshot_stats().
 #[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity, reason = "pgrx reads the column names from the signature")]
 fn snapshot_intervals() -> TableIterator<
     'static,
     (
