@@ -136,7 +136,7 @@ fn nesting() -> u32 {
 /// Runs `chained` one level deeper. If it raises an error, the level is restored by the
 /// transaction callbacks, not here (see the module documentation).
 #[inline]
-unsafe fn nested(chained: impl FnOnce()) {
+fn nested(chained: impl FnOnce()) {
     BACKEND.with(|backend| backend.nesting.set(backend.nesting.get() + 1));
     chained();
     BACKEND.with(|backend| backend.nesting.set(backend.nesting.get().saturating_sub(1)));
@@ -434,8 +434,12 @@ pub(super) fn commit_with_transaction(intervals: Vec<(CompanyKey, Interval)>) {
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT => {
-            let pending =
-                BACKEND.with(|backend| std::mem::take(&mut *backend.pending_snapshots.borrow_mut()));
+            // Every executor of the transaction has ended by now (portals are closed or persisted
+            // before this event), so a capture left over could only be a leak: never let them pile up.
+            let pending = BACKEND.with(|backend| {
+                backend.captures.borrow_mut().clear();
+                std::mem::take(&mut *backend.pending_snapshots.borrow_mut())
+            });
             for snapshot in pending {
                 table::commit_intervals(&snapshot.intervals);
             }

@@ -1,5 +1,6 @@
 //! The snapshot worker: every `tenant_scale.snapshot_interval` seconds it calls
 //! `tenant_scale.snapshot_stats()` in the database `tenant_scale.database`, in a transaction of its own.
+//! It runs on primaries only (it starts once recovery has finished).
 //!
 //! Invariants: it only ever waits on its latch (SIGHUP re-reads the configuration and re-plans the next
 //! snapshot, SIGTERM or postmaster death end it); an interval of 0 leaves it asleep until the next
@@ -22,6 +23,7 @@ pub(super) fn register() {
         .set_type(WORKER_NAME)
         .set_library("tenant_scale")
         .set_function("tenant_scale_stats_worker_main")
+        // Also makes it start once recovery has finished: a standby has nowhere to write history.
         .enable_spi_access()
         .set_restart_time(Some(RESTART_AFTER))
         .load();
