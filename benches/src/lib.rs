@@ -18,6 +18,48 @@ use tenant_scale_harness::{Cluster, pg_bindir};
 /// many threads, for `duration`. Returns transactions per second. pgbench stops a client at its first
 /// SQL error, so scripts must not fail.
 pub fn pgbench(cluster: &Cluster, script: &str, clients: u32, duration: Duration) -> Result<f64> {
+    let report =
+        run_pgbench(cluster, script, clients, &["-T".into(), duration.as_secs().max(1).to_string()])?;
+    parse_tps(&report).with_context(|| format!("no tps line in pgbench output:\n{report}"))
+}
+
+/// Like [`pgbench`], but `transactions` per client, and also what the server spent on them: returns
+/// (tps, transactions per second of server CPU time). The second figure barely moves when other
+/// processes compete for the machine, where tps does: it is the one to compare on a shared machine.
+/// Server CPU is the user and system time of the backends, which the postmaster collects when they
+/// exit; long-lived processes (checkpointer, autovacuum launcher, workers) are not in it, so run the
+/// cluster with `autovacuum = off`.
+pub fn pgbench_cpu(cluster: &Cluster, script: &str, clients: u32, transactions: u32) -> Result<(f64, f64)> {
+    let postmaster = cluster.postmaster_pid().context("the cluster is not running")?;
+    let before = children_cpu_seconds(postmaster)?;
+    let report = run_pgbench(cluster, script, clients, &["-t".into(), transactions.to_string()])?;
+    let tps = parse_tps(&report).with_context(|| format!("no tps line in pgbench output:\n{report}"))?;
+    // The backends exit just after pgbench disconnects; wait until the postmaster has collected them.
+    let mut spent = 0.0;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = children_cpu_seconds(postmaster)? - before;
+        if now > 0.0 && now == spent {
+            break;
+        }
+        spent = now;
+    }
+    Ok((tps, f64::from(clients * transactions) / spent))
+}
+
+/// User + system seconds of the exited (and reaped) children of `pid`, from /proc/PID/stat.
+fn children_cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').context("malformed /proc stat")?.1.split_whitespace().collect();
+    // Fields 16 and 17 of proc(5), counted from the state (field 3) at index 0.
+    let ticks: f64 = fields[13].parse::<f64>()? + fields[14].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / per_second)
+}
+
+fn run_pgbench(cluster: &Cluster, script: &str, clients: u32, limit: &[String]) -> Result<String> {
     let mut file = tempfile::Builder::new().prefix("tenant_scale-bench-").suffix(".sql").tempfile()?;
     file.write_all(script.as_bytes())?;
     let output = Command::new(pg_bindir()?.join("pgbench"))
@@ -28,17 +70,16 @@ pub fn pgbench(cluster: &Cluster, script: &str, clients: u32, duration: Duration
         .arg(clients.to_string())
         .arg("-j")
         .arg(clients.to_string())
-        .arg("-T")
-        .arg(duration.as_secs().max(1).to_string())
+        .args(limit)
         .arg("-f")
         .arg(file.path())
         .output()
         .context("running pgbench")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         bail!("pgbench failed:\n{stdout}{}", String::from_utf8_lossy(&output.stderr));
     }
-    parse_tps(&stdout).with_context(|| format!("no tps line in pgbench output:\n{stdout}"))
+    Ok(stdout)
 }
 
 /// The `tps = N (without initial connection time)` figure of a pgbench report.
