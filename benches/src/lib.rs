@@ -50,13 +50,17 @@ pub fn pgbench_cpu(cluster: &Cluster, script: &str, clients: u32, transactions: 
 /// User + system seconds of the exited (and reaped) children of `pid`, from /proc/PID/stat.
 fn children_cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').context("malformed /proc stat")?.1.split_whitespace().collect();
-    // Fields 16 and 17 of proc(5), counted from the state (field 3) at index 0.
-    let ticks: f64 = fields[13].parse::<f64>()? + fields[14].parse::<f64>()?;
+    let ticks = children_cpu_ticks(&stat).context("malformed /proc stat")?;
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / per_second)
+    Ok(ticks as f64 / per_second)
+}
+
+/// cutime + cstime (fields 16 and 17 of proc(5)); the command name before them may hold spaces, so
+/// fields are counted after its closing parenthesis, from the state (field 3).
+fn children_cpu_ticks(stat: &str) -> Option<u64> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(13)?.parse::<u64>().ok()? + fields.get(14)?.parse::<u64>().ok()?)
 }
 
 fn run_pgbench(cluster: &Cluster, script: &str, clients: u32, limit: &[String]) -> Result<String> {
@@ -195,6 +199,13 @@ mod tests {
                       initial connection time = 3.1 ms\ntps = 812.5 (without initial connection time)\n";
         assert_eq!(parse_tps(report), Some(812.5));
         assert_eq!(parse_tps("tps = 1 (including connections establishing)\n"), None);
+    }
+
+    #[test]
+    fn children_cpu_is_read_after_a_command_name_with_spaces() {
+        let stat = "4242 (postgres: x (y)) S 1 4242 4242 0 -1 4194560 900 12000 0 3 11 7 250 130 20 0 1 0";
+        assert_eq!(children_cpu_ticks(stat), Some(250 + 130));
+        assert_eq!(children_cpu_ticks("4242 (short) S 1"), None);
     }
 
     #[test]

@@ -94,8 +94,51 @@ fn main() -> Result<()> {
             print!("{}", comparison.report());
         }
     }
+    statement_cost(&clusters, rounds * 2)?;
     let calls = clusters[2].psql("SELECT sum(calls) FROM tenant_scale.company_stats")?;
     println!("statements counted by tenant_scale in its cluster: {calls}");
+    Ok(())
+}
+
+/// The hooks' cost per statement, in one backend, without pgbench and its connections: a PL/pgSQL
+/// loop of indexed SELECTs, each one counted (track = all), timed inside the server.
+fn statement_cost(clusters: &[Cluster; 4], rounds: usize) -> Result<()> {
+    const STATEMENTS: u32 = 20_000;
+    let loop_function = format!(
+        "CREATE OR REPLACE FUNCTION bench_loop() RETURNS float8 LANGUAGE plpgsql AS $$ \
+         DECLARE started timestamptz := clock_timestamp(); balance int; \
+         BEGIN \
+           FOR i IN 1..{STATEMENTS} LOOP \
+             SELECT abalance INTO balance FROM pgbench_accounts WHERE aid = (i * 7919) % 500000 + 1; \
+           END LOOP; \
+           RETURN extract(epoch FROM clock_timestamp() - started) * 1e6 / {STATEMENTS}; \
+         END $$"
+    );
+    for cluster in &clusters[..3] {
+        cluster.psql(&loop_function)?;
+    }
+    let variants = [
+        (&clusters[0], ""),
+        (&clusters[1], "SET pg_stat_statements.track = 'all';"),
+        (&clusters[2], "SET tenant_scale.track = 'all'; SET tenant_scale.company = 'company_0';"),
+        (&clusters[2], "SET tenant_scale.track = 'none'; SET tenant_scale.company = 'company_0';"),
+    ];
+    let mut comparison = Comparison::new(
+        &format!("per statement, {STATEMENTS} SELECTs in a PL/pgSQL loop"),
+        &[
+            "vanilla",
+            "pg_stat_statements (track all)",
+            "tenant_scale (track all)",
+            "tenant_scale (track none)",
+        ],
+        "µs",
+    );
+    comparison.run(rounds, |variant| {
+        let (cluster, settings) = variants[variant];
+        let micros = cluster.psql(&format!("{settings} SELECT bench_loop()"))?;
+        micros.trim().parse::<f64>().with_context(|| format!("not a number: {micros}"))
+    })?;
+    print!("{}", comparison.report());
     Ok(())
 }
 
