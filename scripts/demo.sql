@@ -48,6 +48,8 @@ SELECT * FROM tenant_scale.health();
 SELECT tenant_scale.stats_reset() >= 0 AS statistics_reset;
 DROP TABLE IF EXISTS demo_company_orders;
 CREATE TABLE demo_company_orders (id bigserial PRIMARY KEY, company text NOT NULL, amount numeric NOT NULL);
+-- The workload's statements are generated with \gexec; neither they nor their results are echoed.
+\set ECHO none
 \o /dev/null
 SET tenant_scale.company = 'acme';
 SELECT format('INSERT INTO demo_company_orders (company, amount) VALUES (''acme'', %s)', i) FROM generate_series(1, 30) AS i \gexec
@@ -62,6 +64,7 @@ SELECT 'INSERT INTO demo_company_orders (id, company, amount) VALUES (1, ''failc
 \set ON_ERROR_STOP 1
 RESET tenant_scale.company;
 \o
+\set ECHO queries
 SELECT company_id, calls, errors, round(error_rate::numeric, 3) AS error_rate, rows,
        round(p50_ms::numeric, 2) AS p50_ms, round(p95_ms::numeric, 2) AS p95_ms,
        round(p99_ms::numeric, 2) AS p99_ms, calls_last_minute
