@@ -67,7 +67,8 @@ fn run_pgbench(cluster: &Cluster, script: &str, clients: u32, limit: &[String]) 
     let mut file = tempfile::Builder::new().prefix("tenant_scale-bench-").suffix(".sql").tempfile()?;
     file.write_all(script.as_bytes())?;
     let output = Command::new(pg_bindir()?.join("pgbench"))
-        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        // No -d: for pgbench that is --debug (a line per protocol message), not the database.
+        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres"])
         .arg("-p")
         .arg(cluster.port().to_string())
         .arg("-c")
@@ -77,6 +78,7 @@ fn run_pgbench(cluster: &Cluster, script: &str, clients: u32, limit: &[String]) 
         .args(limit)
         .arg("-f")
         .arg(file.path())
+        .arg("postgres")
         .output()
         .context("running pgbench")?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();

@@ -148,9 +148,10 @@ fn statement_cost(clusters: &[Cluster; 4], rounds: usize) -> Result<()> {
 
 fn init_pgbench(cluster: &Cluster) -> Result<()> {
     let output = Command::new(pg_bindir()?.join("pgbench"))
-        .args(["-i", "-q", "-s", &SCALE.to_string(), "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .args(["-i", "-q", "-s", &SCALE.to_string(), "-h", "127.0.0.1", "-U", "postgres"])
         .arg("-p")
         .arg(cluster.port().to_string())
+        .arg("postgres")
         .output()
         .context("running pgbench -i")?;
     if !output.status.success() {
