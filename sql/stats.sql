@@ -127,3 +127,29 @@ GRANT EXECUTE ON FUNCTION tenant_scale.company_stats_raw(), tenant_scale.stats_i
     tenant_scale.stats_per_period(text) TO pg_read_all_stats;
 GRANT SELECT ON tenant_scale.company_stats, tenant_scale.problem_companies, tenant_scale.stats_history,
     tenant_scale.stats_hourly, tenant_scale.stats_daily, tenant_scale.stats_weekly TO pg_read_all_stats;
+
+-- The 'stats memory' check of tenant_scale.health() (contract: sql/health.sql). Not ok when the
+-- statistics are off (library not preloaded) or when the table has been full: companies were evicted
+-- since the last full reset, so some figures restarted from zero.
+CREATE FUNCTION tenant_scale.health_stats()
+RETURNS TABLE ("check" text, ok boolean, detail text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    info record;
+BEGIN
+    SELECT * INTO info FROM tenant_scale.stats_info();
+    RETURN QUERY SELECT 'stats memory', info.evicted = 0,
+        format('%s of %s companies tracked, %s evicted since %s; %s of shared memory%s',
+               info.tracked, info.max_companies, info.evicted,
+               CASE WHEN info.evicted = 0 THEN 'the last reset' ELSE info.stats_reset::text END,
+               pg_size_pretty(info.shared_memory_bytes),
+               CASE WHEN info.evicted > 0 THEN ': raise tenant_scale.max_companies' ELSE '' END);
+EXCEPTION WHEN object_not_in_prerequisite_state THEN
+    RETURN QUERY SELECT 'stats memory', false,
+        'per-company statistics are off: tenant_scale is not in shared_preload_libraries';
+END
+$$;
+REVOKE ALL ON FUNCTION tenant_scale.health_stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tenant_scale.health_stats() TO pg_monitor;

@@ -210,8 +210,10 @@ mod tests {
     #[pg_test]
     fn settings_show_in_pg_settings_with_descriptions() {
         let described = Spi::get_one::<i64>(
-            "SELECT count(*) FROM pg_settings WHERE name LIKE 'tenant\\_scale.%' \
-             AND short_desc <> '' AND extra_desc <> ''",
+            "SELECT count(*) FROM pg_settings WHERE name IN ('tenant_scale.company', 'tenant_scale.track', \
+             'tenant_scale.max_companies', 'tenant_scale.problem_error_rate', 'tenant_scale.problem_p95_ms', \
+             'tenant_scale.problem_min_calls', 'tenant_scale.snapshot_interval', 'tenant_scale.database', \
+             'tenant_scale.history_days') AND short_desc <> '' AND extra_desc <> ''",
         );
         assert_eq!(described, Ok(Some(9)));
     }

@@ -6,16 +6,14 @@ use std::time::{Duration, Instant};
 
 use postgres::Client;
 use tenant_scale_harness::{Cluster, StopMode};
+use tenant_scale_integration::eventually;
 
 /// The bound stated in src/stats/histogram.rs and the README.
 const RELATIVE_ERROR_BOUND: f64 = 1.0 / 32.0;
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let done = eventually(timeout, || done().then_some(()));
+    assert!(done.is_some(), "timed out after {timeout:?} waiting for {what}");
 }
 
 /// (calls, errors, rows) of one company in the `postgres` database.
@@ -166,6 +164,10 @@ fn twenty_thousand_companies_with_room_for_a_thousand_evict_without_growing() {
         app.query_one("SELECT count(*) FROM tenant_scale.company_stats", &[]).unwrap().get::<_, i64>(0),
         tracked
     );
+    let health = cluster
+        .psql("SELECT ok, detail FROM tenant_scale.health() WHERE \"check\" = 'stats memory'")
+        .unwrap();
+    assert!(health.starts_with("f|") && health.ends_with("raise tenant_scale.max_companies"), "{health}");
 }
 
 #[test]
@@ -263,6 +265,11 @@ fn without_preload_stats_raise_55000_with_a_hint_and_nothing_else_breaks() {
         env!("CARGO_PKG_VERSION")
     );
     assert_eq!(app.query_one("SHOW tenant_scale.company", &[]).unwrap().get::<_, String>(0), "acme");
+    let health = app
+        .query_one("SELECT ok, detail FROM tenant_scale.health() WHERE \"check\" = 'stats memory'", &[])
+        .unwrap();
+    assert!(!health.get::<_, bool>(0));
+    assert!(health.get::<_, String>(1).contains("not in shared_preload_libraries"));
 }
 
 #[test]

@@ -1,7 +1,12 @@
 -- Per-company query statistics. Each statement is counted for the company that the setting
 -- tenant_scale.company names when the statement starts; empty means unattributed.
 SELECT name, setting, unit, context, min_val, max_val
-  FROM pg_settings WHERE name LIKE 'tenant\_scale.%' ORDER BY name;
+  FROM pg_settings
+ WHERE name IN ('tenant_scale.company', 'tenant_scale.track', 'tenant_scale.max_companies',
+                'tenant_scale.problem_error_rate', 'tenant_scale.problem_p95_ms',
+                'tenant_scale.problem_min_calls', 'tenant_scale.snapshot_interval',
+                'tenant_scale.database', 'tenant_scale.history_days')
+ ORDER BY name;
 
 -- Start from zero (the function returns how many companies it reset).
 SELECT tenant_scale.stats_reset() >= 0 AS reset;
