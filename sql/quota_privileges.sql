@@ -17,3 +17,7 @@ REVOKE EXECUTE ON FUNCTION tenant_scale.drop_quota(regclass) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION tenant_scale.reconcile(regclass) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION tenant_scale.quota_trigger() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION tenant_scale.quota_config_changed() FROM PUBLIC;
+
+-- The `quotas` row of tenant_scale.health() (sql/health.sql): for monitoring roles.
+REVOKE ALL ON FUNCTION tenant_scale.health_quotas() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tenant_scale.health_quotas() TO pg_monitor;

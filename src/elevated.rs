@@ -3,13 +3,13 @@
 //! tenant_scale's triggers and functions read and write internal tables that PUBLIC cannot touch, for
 //! any caller. Such SQL runs inside [`as_extension_owner`]: as the owner of the extension (the way a
 //! SECURITY DEFINER function would, flagged SECURITY_LOCAL_USERID_CHANGE so that the caller's code
-//! cannot run with those rights meanwhile), and with `search_path = pg_catalog, pg_temp` so that no
-//! function, operator or table the caller created can be resolved in place of the intended one. Both
-//! are undone when the closure returns; when it raises an error, the (sub)transaction abort undoes
-//! them, exactly as for SECURITY DEFINER functions.
+//! cannot run with those rights meanwhile, and SECURITY_RESTRICTED_OPERATION so that nothing run
+//! there can change the session), and with `search_path = pg_catalog, pg_temp` so that no function,
+//! operator or table the caller created can be resolved in place of the intended one. All of it is
+//! undone when the closure returns; when it raises an error, the (sub)transaction abort undoes it,
+//! exactly as for SECURITY DEFINER functions.
 
 use pgrx::pg_sys;
-#[cfg(any(test, feature = "pg_test"))]
 use pgrx::prelude::*;
 
 /// Runs `body` as `owner` with a pinned search_path.
@@ -20,7 +20,12 @@ pub(crate) fn as_extension_owner<R>(owner: pg_sys::Oid, body: impl FnOnce() -> R
     // is opened and closed around the body at the same level.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(owner, saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            saved_context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
         let nest_level = pg_sys::NewGUCNestLevel();
         pg_sys::set_config_option(
             c"search_path".as_ptr(),
@@ -50,6 +55,17 @@ impl<T, E: std::fmt::Display> OrRaise<T> for Result<T, E> {
     fn or_raise(self, doing: &str) -> T {
         self.unwrap_or_else(|error| pgrx::error!("tenant_scale: {doing}: {error}"))
     }
+}
+
+/// The role that owns the extension (a superuser: the extension is not trusted). Raises an error when
+/// the extension is not installed in this database.
+pub(crate) fn extension_owner() -> pg_sys::Oid {
+    Spi::get_one::<pg_sys::Oid>(
+        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'tenant_scale'",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| pgrx::error!("the tenant_scale extension is not installed in this database"))
 }
 
 /// `schema.name` of a relation, each part quoted only when it must be: safe to splice into SQL text.

@@ -7,9 +7,13 @@
 use pgrx::prelude::*;
 
 mod elevated;
+mod health;
 mod hook_chain;
+mod pagination;
 mod quota;
+mod replica;
 mod shmem;
+mod stats;
 mod unguarded;
 
 pgrx::pg_module_magic!(name, version);
@@ -21,10 +25,16 @@ const GUC_PREFIX: &std::ffi::CStr = c"tenant_scale";
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     shmem::note_library_load();
+    pagination::register_gucs();
+    replica::register_gucs();
     quota::register_gucs();
+    stats::register_gucs();
     reserve_guc_prefix();
     quota::register_shared_memory();
+    stats::register_shared_memory();
     quota::install_hooks();
+    stats::install_hooks();
+    stats::register_worker();
 }
 
 fn reserve_guc_prefix() {

@@ -11,7 +11,9 @@
 //! Lifecycle (as in pg_stat_statements): `_PG_init` registers regions; the shmem request hook (PG 15+,
 //! or `_PG_init` itself before) reserves their bytes and named LWLock tranches; the shmem startup hook
 //! runs each region's `init` under `AddinShmemInitLock`, in the postmaster at start and again after
-//! every crash restart, and backends inherit the resulting pointers through fork.
+//! every crash restart, and backends inherit the resulting pointers through fork. A region may also
+//! ask to be saved at a clean shutdown ([`Region::on_clean_shutdown`]): the postmaster calls it once
+//! every other process has exited, never after a crash (as pg_stat_statements saves its file).
 
 use std::ffi::CStr;
 use std::sync::Mutex;
@@ -74,6 +76,8 @@ pub(crate) struct Region<T: Sync + 'static> {
     /// Creates (or, when `ShmemInitStruct` reports it found, attaches to) the feature's structures.
     /// `locks` is the region's LWLock tranche, or null when it asked for none.
     init: unsafe fn(locks: *mut pg_sys::LWLockPadded) -> *mut T,
+    /// Runs in the postmaster at a clean shutdown, when no other process can touch the region.
+    save: Option<fn(&'static T)>,
     root: AtomicPtr<T>,
 }
 
@@ -84,7 +88,13 @@ impl<T: Sync + 'static> Region<T> {
         lwlocks: i32,
         init: unsafe fn(locks: *mut pg_sys::LWLockPadded) -> *mut T,
     ) -> Self {
-        Region { name, size, lwlocks, init, root: AtomicPtr::new(std::ptr::null_mut()) }
+        Region { name, size, lwlocks, init, save: None, root: AtomicPtr::new(std::ptr::null_mut()) }
+    }
+
+    /// Has `save` called with the region at a clean server shutdown (not after a crash).
+    pub(crate) const fn on_clean_shutdown(mut self, save: fn(&'static T)) -> Self {
+        self.save = Some(save);
+        self
     }
 
     /// Declares the region; does nothing unless the library is being preloaded.
@@ -125,6 +135,7 @@ impl<T: Sync + 'static> Region<T> {
 trait Reserve: Sync {
     unsafe fn reserve(&self);
     unsafe fn start(&self);
+    fn save(&self);
 }
 
 impl<T: Sync + 'static> Reserve for Region<T> {
@@ -147,6 +158,12 @@ impl<T: Sync + 'static> Reserve for Region<T> {
                 std::ptr::null_mut()
             };
             self.root.store((self.init)(locks), Ordering::Release);
+        }
+    }
+
+    fn save(&self) {
+        if let (Some(save), Some(root)) = (self.save, self.try_get()) {
+            save(root);
         }
     }
 }
@@ -193,6 +210,22 @@ unsafe extern "C-unwind" fn shmem_startup() {
             region.start();
         }
         pg_sys::LWLockRelease(addin_shmem_init_lock);
+        // Only the postmaster saves: it outlives every backend. After a crash restart this hook runs
+        // again, after shmem_exit has run and forgotten the previous registration.
+        if !pg_sys::IsUnderPostmaster {
+            pg_sys::on_shmem_exit(Some(shmem_shutdown), pg_sys::Datum::from(0));
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_shutdown(code: i32, _arg: pg_sys::Datum) {
+    // A non-zero code is a crash or a failed start: the regions may be inconsistent, keep nothing.
+    if code != 0 {
+        return;
+    }
+    for region in REGIONS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter() {
+        region.save();
     }
 }
 

@@ -18,27 +18,74 @@ use tenant_scale_harness::{Cluster, pg_bindir};
 /// many threads, for `duration`. Returns transactions per second. pgbench stops a client at its first
 /// SQL error, so scripts must not fail.
 pub fn pgbench(cluster: &Cluster, script: &str, clients: u32, duration: Duration) -> Result<f64> {
+    let report =
+        run_pgbench(cluster, script, clients, &["-T".into(), duration.as_secs().max(1).to_string()])?;
+    parse_tps(&report).with_context(|| format!("no tps line in pgbench output:\n{report}"))
+}
+
+/// Like [`pgbench`], but `transactions` per client, and also what the server spent on them: returns
+/// (tps, transactions per second of server CPU time). The second figure barely moves when other
+/// processes compete for the machine, where tps does: it is the one to compare on a shared machine.
+/// Server CPU is the user and system time of the backends, which the postmaster collects when they
+/// exit; long-lived processes (checkpointer, autovacuum launcher, workers) are not in it, so run the
+/// cluster with `autovacuum = off`.
+pub fn pgbench_cpu(cluster: &Cluster, script: &str, clients: u32, transactions: u32) -> Result<(f64, f64)> {
+    let postmaster = cluster.postmaster_pid().context("the cluster is not running")?;
+    let before = children_cpu_seconds(postmaster)?;
+    let report = run_pgbench(cluster, script, clients, &["-t".into(), transactions.to_string()])?;
+    let tps = parse_tps(&report).with_context(|| format!("no tps line in pgbench output:\n{report}"))?;
+    // The backends exit just after pgbench disconnects; wait until the postmaster has collected them.
+    let mut spent = 0.0;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = children_cpu_seconds(postmaster)? - before;
+        if now > 0.0 && now == spent {
+            break;
+        }
+        spent = now;
+    }
+    Ok((tps, f64::from(clients * transactions) / spent))
+}
+
+/// User + system seconds of the exited (and reaped) children of `pid`, from /proc/PID/stat.
+fn children_cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let ticks = children_cpu_ticks(&stat).context("malformed /proc stat")?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / per_second)
+}
+
+/// cutime + cstime (fields 16 and 17 of proc(5)); the command name before them may hold spaces, so
+/// fields are counted after its closing parenthesis, from the state (field 3).
+fn children_cpu_ticks(stat: &str) -> Option<u64> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(13)?.parse::<u64>().ok()? + fields.get(14)?.parse::<u64>().ok()?)
+}
+
+fn run_pgbench(cluster: &Cluster, script: &str, clients: u32, limit: &[String]) -> Result<String> {
     let mut file = tempfile::Builder::new().prefix("tenant_scale-bench-").suffix(".sql").tempfile()?;
     file.write_all(script.as_bytes())?;
     let output = Command::new(pg_bindir()?.join("pgbench"))
-        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        // No -d: for pgbench that is --debug (a line per protocol message), not the database.
+        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres"])
         .arg("-p")
         .arg(cluster.port().to_string())
         .arg("-c")
         .arg(clients.to_string())
         .arg("-j")
         .arg(clients.to_string())
-        .arg("-T")
-        .arg(duration.as_secs().max(1).to_string())
+        .args(limit)
         .arg("-f")
         .arg(file.path())
+        .arg("postgres")
         .output()
         .context("running pgbench")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         bail!("pgbench failed:\n{stdout}{}", String::from_utf8_lossy(&output.stderr));
     }
-    parse_tps(&stdout).with_context(|| format!("no tps line in pgbench output:\n{stdout}"))
+    Ok(stdout)
 }
 
 /// The `tps = N (without initial connection time)` figure of a pgbench report.
@@ -94,9 +141,14 @@ impl Comparison {
 
     /// Median over rounds of `variant / baseline`, for the variant at `index`.
     pub fn median_ratio(&self, index: usize) -> f64 {
-        let baseline = &self.variants[0].1;
+        self.median_ratio_to(index, 0)
+    }
+
+    /// Median over rounds of `variant / other`, for two variants measured in the same rounds.
+    pub fn median_ratio_to(&self, index: usize, other: usize) -> f64 {
+        let base = &self.variants[other].1;
         let ratios: Vec<f64> =
-            self.variants[index].1.iter().zip(baseline).map(|(figure, base)| figure / base).collect();
+            self.variants[index].1.iter().zip(base).map(|(figure, base)| figure / base).collect();
         median(&ratios)
     }
 
@@ -152,6 +204,13 @@ mod tests {
     }
 
     #[test]
+    fn children_cpu_is_read_after_a_command_name_with_spaces() {
+        let stat = "4242 (postgres: x (y)) S 1 4242 4242 0 -1 4194560 900 12000 0 3 11 7 250 130 20 0 1 0";
+        assert_eq!(children_cpu_ticks(stat), Some(250 + 130));
+        assert_eq!(children_cpu_ticks("4242 (short) S 1"), None);
+    }
+
+    #[test]
     fn ratios_are_taken_round_by_round_before_the_median() {
         let mut comparison = Comparison::new("w", &["plain", "ext"], "tps");
         let figures = [100.0, 95.0, 50.0, 48.0, 200.0, 180.0];
@@ -161,6 +220,7 @@ mod tests {
         // figures (100 and 95) would say the same only by chance.
         assert!((comparison.median_ratio(1) - 0.95).abs() < 1e-9);
         assert!(comparison.report().contains("median ratio to plain 0.950x"));
+        assert!((comparison.median_ratio_to(0, 1) - 1.0 / 0.95).abs() < 1e-9);
         assert_eq!(median(&[3.0, 1.0, 2.0, 4.0]), 2.5);
     }
 }

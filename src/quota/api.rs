@@ -478,3 +478,86 @@ fn quota_counters() -> TableIterator<'static, (name!(in_use, i64), name!(capacit
     let (in_use, capacity, evicted) = counters::REGION.get("quota counter statistics").usage();
     TableIterator::once((in_use, capacity, evicted as i64))
 }
+
+/// Counters recounted per table by the health check: enough to catch drift, few enough to stay fast.
+const HEALTH_SAMPLE: usize = 20;
+
+/// The `quotas` row of tenant_scale.health(): counters of every table under quota compared with a
+/// recount of a sample of companies. A counter counts as disagreeing only when no transaction held
+/// it and its value did not move while its rows were being counted, so rows committed meanwhile are
+/// never mistaken for drift.
+#[pg_extern(volatile)]
+fn health_quotas() -> TableIterator<'static, (name!(check, String), name!(ok, bool), name!(detail, String))> {
+    let config = config::current();
+    let defs: Vec<_> = config.quotas().cloned().collect();
+    if defs.is_empty() {
+        return TableIterator::once(("quotas".into(), true, "no table is under quota".into()));
+    }
+    let mut checked = 0;
+    let mut disagreeing = Vec::new();
+    for def in &defs {
+        for (company, counted) in sample_counters(&config, def) {
+            let Some(datum) = def.company_datum(&company) else { continue };
+            let actual = count_rows(&config, def, datum, &company, Seeing::Committed);
+            // The counter again: if it moved, a transaction committed while we counted.
+            if still_counted(&config, def, &company, counted) {
+                checked += 1;
+                if actual != counted {
+                    disagreeing.push(format!(
+                        "{} company \"{company}\": counter {counted}, rows {actual}",
+                        def.relation
+                    ));
+                }
+            }
+        }
+    }
+    let tables = defs.len();
+    let detail = if disagreeing.is_empty() {
+        format!("{tables} table(s) under quota; {checked} counter(s) recounted, all match")
+    } else {
+        format!("{}; SELECT * FROM tenant_scale.reconcile() corrects them", disagreeing.join("; "))
+    };
+    TableIterator::once(("quotas".into(), disagreeing.is_empty(), detail))
+}
+
+/// Up to HEALTH_SAMPLE (company, rows counted) of `def` that no transaction holds right now.
+fn sample_counters(config: &Config, def: &QuotaDef) -> Vec<(String, i64)> {
+    match counters::shared() {
+        Some(shared) => shared
+            // SAFETY: MyDatabaseId is set for the life of a backend connected to a database.
+            .sample_idle(unsafe { pg_sys::MyDatabaseId }, def.quota_id, HEALTH_SAMPLE)
+            .into_iter()
+            .filter_map(|(key, used)| Some((String::from_utf8(key.company()?.to_vec()).ok()?, used)))
+            .collect(),
+        None => as_extension_owner(config.owner, || {
+            Spi::connect(|client| {
+                client
+                    .select(
+                        "SELECT company_id, used FROM tenant_scale.quota_usage
+                         WHERE quota_id OPERATOR(pg_catalog.=) $1
+                           AND built_at OPERATOR(pg_catalog.=) pg_catalog.pg_postmaster_start_time()
+                         LIMIT $2",
+                        None,
+                        &[def.quota_id.into(), (HEALTH_SAMPLE as i64).into()],
+                    )
+                    .or_raise("sampling the usage rows")
+                    .filter_map(|row| Some((row.get::<String>(1).ok()??, row.get::<i64>(2).ok()??)))
+                    .collect()
+            })
+        }),
+    }
+}
+
+fn still_counted(config: &Config, def: &QuotaDef, company: &str, counted: i64) -> bool {
+    match counters::shared() {
+        // SAFETY: MyDatabaseId is set for the life of a backend connected to a database.
+        Some(shared) => {
+            shared.idle_used(&CounterKey::new(
+                unsafe { pg_sys::MyDatabaseId },
+                def.quota_id,
+                company.as_bytes(),
+            )) == Some(counted)
+        }
+        None => slow::peek_committed_count(config, def.quota_id, company) == Some(counted),
+    }
+}

@@ -124,7 +124,7 @@ impl CounterKey {
         } else {
             use sha2::Digest;
             key.length = HASHED;
-            key.company[..32].copy_from_slice(&sha2::Sha256::digest(company));
+            key.company[..32].copy_from_slice(&sha2::Sha256::digest(company)[..]);
         }
         key
     }
@@ -135,6 +135,11 @@ impl CounterKey {
 
     pub(crate) fn database(&self) -> pg_sys::Oid {
         self.database
+    }
+
+    /// The company's text, unless only its digest was kept.
+    pub(crate) fn company(&self) -> Option<&[u8]> {
+        (self.length != HASHED).then(|| &self.company[..self.length as usize])
     }
 
     /// The company for messages: its text, or its digest when the text was too long to keep.

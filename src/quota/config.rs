@@ -22,7 +22,9 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use rustc_hash::FxHashMap;
 
 use super::company::TextForm;
-use crate::elevated::{OrRaise, as_extension_owner, qualified_relation_name, quote_identifier};
+use crate::elevated::{
+    OrRaise, as_extension_owner, extension_owner, qualified_relation_name, quote_identifier,
+};
 
 pub(super) static DEFAULT_PLAN: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"free"));
@@ -231,12 +233,7 @@ pub(super) fn current() -> Rc<Config> {
 }
 
 fn load() -> Config {
-    let owner = Spi::get_one::<pg_sys::Oid>(
-        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'tenant_scale'",
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| error!("the tenant_scale extension is not installed in this database"));
+    let owner = extension_owner();
     let memory = ConfigMemory::new();
     as_extension_owner(owner, || {
         Spi::connect(|client| {

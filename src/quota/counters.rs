@@ -259,11 +259,16 @@ impl Counters {
                 }
             });
             candidates.sort_unstable_by_key(|(last_use, _)| *last_use);
-            let victims = (self.capacity / 10).max(1) as usize;
-            for (_, counter) in candidates.into_iter().take(victims) {
-                // A backend may have pinned a candidate again (without the lock) since the scan.
+            let mut victims = (self.capacity / 10).max(1);
+            for (_, counter) in candidates {
+                if victims == 0 {
+                    break;
+                }
+                // A backend may have pinned a candidate again (without the lock) since the scan: the
+                // next one in line goes instead.
                 if self.remove_if_unpinned(&*counter) {
                     self.evicted.fetch_add(1, Ordering::Relaxed);
+                    victims -= 1;
                 }
             }
         }
@@ -358,6 +363,42 @@ impl Counters {
             pg_sys::LWLockRelease(self.lock);
         }
         corrected
+    }
+
+    /// Up to `limit` built counters of a quota that no transaction holds, as (key, rows used), for a
+    /// sample recount.
+    pub fn sample_idle(&self, database: pg_sys::Oid, quota_id: i64, limit: usize) -> Vec<(CounterKey, i64)> {
+        let mut sample = Vec::new();
+        // SAFETY: a scan under the shared lock (no entry is created or removed meanwhile).
+        unsafe {
+            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_SHARED);
+            self.for_each_locked(|counter| {
+                if sample.len() < limit
+                    && counter.key.quota_id() == quota_id
+                    && counter.key.database() == database
+                    && counter.state.load(Ordering::Acquire) == READY
+                    && !counter.is_pinned()
+                {
+                    sample.push((counter.key, counter.used.load(Ordering::Acquire)));
+                }
+            });
+            pg_sys::LWLockRelease(self.lock);
+        }
+        sample
+    }
+
+    /// Rows used by the counter of `key` when it is built and no transaction holds it.
+    pub fn idle_used(&self, key: &CounterKey) -> Option<i64> {
+        // SAFETY: lookup under the shared lock.
+        unsafe {
+            pg_sys::LWLockAcquire(self.lock, pg_sys::LWLockMode::LW_SHARED);
+            let used = self
+                .find(key)
+                .filter(|counter| counter.state.load(Ordering::Acquire) == READY && !counter.is_pinned())
+                .map(|counter| counter.used.load(Ordering::Acquire));
+            pg_sys::LWLockRelease(self.lock);
+            used
+        }
     }
 
     /// (counters in use, capacity, evicted since start), for health checks.

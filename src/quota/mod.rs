@@ -39,6 +39,7 @@ pgrx::extension_sql_file!(
         api::enforce_quota,
         api::drop_quota,
         api::reconcile,
+        api::health_quotas,
         trigger::quota_trigger,
         config::quota_config_changed
     ]

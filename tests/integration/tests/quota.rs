@@ -7,10 +7,9 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use fastrand::Rng;
 use postgres::error::SqlState;
 use postgres::{Client, NoTls};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use tenant_scale_harness::{Cluster, pg_bindir};
 
 const COMPANIES: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
@@ -106,21 +105,21 @@ fn race_at_limit_never_overshoots_without_shared_memory() {
 /// refusal (53400) or duplicate key (23505) undoes only that operation; then COMMIT or ROLLBACK.
 /// Returns how many operations the quota refused, or None when the connection is gone (the crash test
 /// kills the server).
-fn random_transaction(client: &mut Client, rng: &mut StdRng, ids: &mut IdPool, table: &str) -> Option<usize> {
-    let company = |rng: &mut StdRng| COMPANIES[rng.random_range(0..COMPANIES.len())];
+fn random_transaction(client: &mut Client, rng: &mut Rng, ids: &mut IdPool, table: &str) -> Option<usize> {
+    let company = |rng: &mut Rng| COMPANIES[rng.usize(0..COMPANIES.len())];
     let mut statements = vec!["BEGIN".to_string()];
-    for _ in 0..rng.random_range(1..=4) {
+    for _ in 0..rng.usize(1..=4) {
         let c = company(rng);
         let other = company(rng);
-        let statement = match rng.random_range(0..12) {
+        let statement = match rng.u32(0..12) {
             0 => format!("INSERT INTO {table} (id, company) VALUES ({}, '{c}')", ids.fresh()),
             1 => {
                 let rows: Vec<String> =
-                    (0..rng.random_range(2..=5)).map(|_| format!("({}, '{c}')", ids.fresh())).collect();
+                    (0..rng.usize(2..=5)).map(|_| format!("({}, '{c}')", ids.fresh())).collect();
                 format!("INSERT INTO {table} (id, company) VALUES {}", rows.join(", "))
             }
             2 => {
-                let first = ids.fresh_range(rng.random_range(2..=6));
+                let first = ids.fresh_range(rng.i64(2..=6));
                 format!(
                     "INSERT INTO {table} (id, company) SELECT i, '{c}' FROM generate_series({}, {}) AS i",
                     first.0, first.1
@@ -128,11 +127,11 @@ fn random_transaction(client: &mut Client, rng: &mut StdRng, ids: &mut IdPool, t
             }
             3 => format!(
                 "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE company = '{c}' ORDER BY random() LIMIT {})",
-                rng.random_range(1..=3)
+                rng.usize(1..=3)
             ),
             4 => format!(
                 "UPDATE {table} SET company = '{other}' WHERE id IN (SELECT id FROM {table} WHERE company = '{c}' LIMIT {})",
-                rng.random_range(1..=2)
+                rng.usize(1..=2)
             ),
             5 => format!("UPDATE {table} SET note = 'touched' WHERE company = '{c}'"),
             6 => format!(
@@ -152,12 +151,12 @@ fn random_transaction(client: &mut Client, rng: &mut StdRng, ids: &mut IdPool, t
                 ids.existing(rng)
             ),
             9 => format!("INSERT INTO {table} (id, company) VALUES ({}, NULL)", ids.fresh()),
-            10 if rng.random_bool(0.1) => format!("TRUNCATE {table}"),
+            10 if rng.f64() < 0.1 => format!("TRUNCATE {table}"),
             _ => "COPY".to_string(),
         };
         statements.push(statement);
     }
-    let finish = if rng.random_bool(0.2) { "ROLLBACK" } else { "COMMIT" };
+    let finish = if rng.f64() < 0.2 { "ROLLBACK" } else { "COMMIT" };
     let mut refusals = 0;
     for statement in &statements {
         let result = if statement == "BEGIN" {
@@ -198,7 +197,7 @@ fn connection_lost(error: &postgres::Error) -> bool {
 fn run_operation(
     client: &mut Client,
     statement: &str,
-    rng: &mut StdRng,
+    rng: &mut Rng,
     ids: &mut IdPool,
     table: &str,
 ) -> Result<(), postgres::Error> {
@@ -206,9 +205,9 @@ fn run_operation(
         return client.batch_execute(statement);
     }
     use std::io::Write;
-    let company = COMPANIES[rng.random_range(0..COMPANIES.len())];
+    let company = COMPANIES[rng.usize(0..COMPANIES.len())];
     let mut writer = client.copy_in(&format!("COPY {table} (id, company) FROM STDIN"))?;
-    for _ in 0..rng.random_range(1..=4) {
+    for _ in 0..rng.usize(1..=4) {
         writeln!(writer, "{}\t{company}", ids.fresh()).expect("writing COPY data");
     }
     writer.finish().map(|_| ())
@@ -239,11 +238,11 @@ impl IdPool {
         (first, self.next)
     }
 
-    fn existing(&self, rng: &mut StdRng) -> i64 {
+    fn existing(&self, rng: &mut Rng) -> i64 {
         if self.used.is_empty() {
             1
         } else {
-            self.used[rng.random_range(self.used.len().saturating_sub(40)..self.used.len())]
+            self.used[rng.usize(self.used.len().saturating_sub(40)..self.used.len())]
         }
     }
 }
@@ -276,7 +275,7 @@ fn random_mix_of_every_path_keeps_counters_equal_to_count() {
     let cluster = Cluster::builder().start().unwrap();
     let mut client = cluster.connect().unwrap();
     configure_mix(&mut client, "mix");
-    let mut rng = StdRng::seed_from_u64(SEED);
+    let mut rng = Rng::with_seed(SEED);
     let mut ids = IdPool::new(0);
     let mut refusals = 0;
     for transaction in 0..TRANSACTIONS {
@@ -303,7 +302,7 @@ fn kill_9_during_the_mix_leaves_counters_exact_and_enforced() {
             let mut client = cluster.connect().unwrap();
             let running = running.clone();
             thread::spawn(move || {
-                let mut rng = StdRng::seed_from_u64(worker as u64);
+                let mut rng = Rng::with_seed(worker as u64);
                 let mut ids = IdPool::new(worker);
                 let mut transactions = 0;
                 while *running.lock().unwrap() {
@@ -356,17 +355,17 @@ fn more_table_company_pairs_than_counters_stay_exact() {
         .map(|worker| {
             let mut client = cluster.connect().unwrap();
             thread::spawn(move || {
-                let mut rng = StdRng::seed_from_u64(100 + worker as u64);
+                let mut rng = Rng::with_seed(100 + worker as u64);
                 let mut ids = IdPool::new(worker + 1);
                 for _ in 0..120 {
-                    let rows: Vec<String> = (0..rng.random_range(1..=3))
-                        .map(|_| format!("({}, {})", ids.fresh(), rng.random_range(0..COMPANY_COUNT)))
+                    let rows: Vec<String> = (0..rng.usize(1..=3))
+                        .map(|_| format!("({}, {})", ids.fresh(), rng.usize(0..COMPANY_COUNT)))
                         .collect();
                     for row in rows {
                         match client.batch_execute(&format!("INSERT INTO pairs (id, company) VALUES {row}")) {
                             Ok(()) => {}
                             Err(error) if is_refusal(&error) => {}
-                            Err(error) => panic!("{error}"),
+                            Err(error) => panic!("{error:?}"),
                         }
                     }
                 }

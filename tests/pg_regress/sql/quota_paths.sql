@@ -94,8 +94,11 @@ SET session_replication_role = replica;
 INSERT INTO orders (id, company) VALUES (40, 'a'), (41, 'b');
 RESET session_replication_role;
 SELECT * FROM usage;
+-- health() (for monitoring roles) recounts a sample of counters and reports the disagreement.
+SELECT ok, detail FROM tenant_scale.health() WHERE "check" = 'quotas';
 SELECT * FROM tenant_scale.reconcile('orders') ORDER BY company_id;
 SELECT * FROM usage;
+SELECT ok, detail FROM tenant_scale.health() WHERE "check" = 'quotas';
 SELECT * FROM tenant_scale.reconcile();
 
 -- Counters in shared memory, for sizing tenant_scale.max_quota_counters.

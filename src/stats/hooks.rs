@@ -1,0 +1,433 @@
+//! Where statements are observed: executor hooks (calls, time, rows), ProcessUtility (nesting only),
+//! emit_log_hook (errors) and transaction callbacks (flushing errors, committing snapshot baselines).
+//!
+//! Invariants:
+//! - Every hook chains to the hook it replaced (saved in `PREV_*`, set once in the postmaster's
+//!   `_PG_init`), or to the standard function, as pg_stat_statements does; other modules (quota)
+//!   install hooks of their own and keep their own saved pointers.
+//! - The chained call goes through crate::hook_chain, not pgrx's guard, so that an error raised by the
+//!   rest of the executor reaches the client exactly as PostgreSQL raised it. So nothing with a
+//!   destructor is alive in a hook's frame during the chained call, and the nesting depth, which that
+//!   error skips restoring,
+//!   is restored by the transaction callbacks: 0 when the transaction aborts, the depth at which a
+//!   subtransaction started when it aborts (plpgsql EXCEPTION blocks; a SAVEPOINT starts its
+//!   subtransaction at depth 0, when its statement ends).
+//! - `Backend` is this backend's private state, touched only from the main thread. No `RefCell`
+//!   borrow is held across a call that can raise a PostgreSQL error, and emit_log_hook only
+//!   `try_borrow`s, so an error raised anywhere can never meet a borrowed cell.
+//! - Attribution is read when a statement starts (ExecutorStart): `SET LOCAL` and
+//!   `set_config(.., true)` apply to the statements that start after them.
+//! - A statement that fails never reaches ExecutorEnd. Its error is seen in emit_log_hook (which must
+//!   not touch shared memory: it may run while this backend holds the table's lock), kept in
+//!   `Backend::pending_errors`, and written at the (sub)transaction abort that always follows an
+//!   ERROR, after PostgreSQL released every LWLock; its capture is dropped there too.
+//! - Errors are seen only when PostgreSQL logs them (`log_min_messages` at `error` or below, the
+//!   default `warning` included); errors caught by a PL/pgSQL EXCEPTION block did not end a statement
+//!   and are not counted.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::{CStr, c_int, c_void};
+
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+use super::counters::Interval;
+use super::table::{self, CompanyKey};
+use super::{COMPANY, TRACK, Track};
+use crate::hook_chain;
+
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_EXECUTOR_RUN: pg_sys::ExecutorRun_hook_type = None;
+static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
+static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
+
+/// Who a tracked statement is counted for.
+#[derive(Clone, Copy)]
+enum Attribution {
+    Company(CompanyKey),
+    /// `tenant_scale.company` was empty: only counted in stats_info().unattributed_calls.
+    Unattributed,
+}
+
+/// A statement seen at ExecutorStart and not yet at ExecutorEnd.
+struct Capture {
+    query: *const pg_sys::QueryDesc,
+    attribution: Attribution,
+    started: i64,
+    /// Transaction nesting level at start: a subtransaction abort drops the captures it started.
+    xact_level: c_int,
+}
+
+/// Snapshot intervals read by this transaction, applied to the baselines only if it commits.
+struct PendingSnapshot {
+    xact_level: c_int,
+    intervals: Vec<(CompanyKey, Interval)>,
+}
+
+#[derive(Default)]
+struct Backend {
+    /// Executor and utility nesting depth: 0 for statements sent by the client.
+    nesting: Cell<u32>,
+    /// Nesting depth at the start of each open subtransaction, innermost last.
+    subxact_nesting: RefCell<Vec<u32>>,
+    captures: RefCell<Vec<Capture>>,
+    pending_errors: RefCell<Vec<(CompanyKey, i64)>>,
+    pending_snapshots: RefCell<Vec<PendingSnapshot>>,
+}
+
+thread_local! {
+    static BACKEND: Backend = Backend::default();
+}
+
+pub(super) fn install() {
+    // SAFETY: _PG_init runs once, single-threaded, in the postmaster; saving the previous hooks and
+    // installing ours is how PostgreSQL add-ins chain.
+    unsafe {
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_EXECUTOR_RUN = pg_sys::ExecutorRun_hook;
+        pg_sys::ExecutorRun_hook = Some(executor_run);
+        PREV_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+        PREV_EXECUTOR_END = pg_sys::ExecutorEnd_hook;
+        pg_sys::ExecutorEnd_hook = Some(executor_end);
+        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+        PREV_EMIT_LOG = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(emit_log);
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
+    }
+}
+
+/// The company `tenant_scale.company` names now, read without copying the setting.
+fn current_company() -> Option<CompanyKey> {
+    // SAFETY: the GUC machinery keeps the pointer valid until the setting next changes, which cannot
+    // happen during this call; MyDatabaseId is a plain global.
+    unsafe {
+        let value = *COMPANY.as_ptr();
+        if value.is_null() {
+            return None;
+        }
+        CompanyKey::new(pg_sys::MyDatabaseId, CStr::from_ptr(value).to_bytes())
+    }
+}
+
+/// Whether statements at this nesting depth are tracked in this process.
+fn tracking(nesting: u32) -> bool {
+    // SAFETY: plain globals; parallel workers report to their leader, which counts the statement.
+    let ordinary_backend =
+        unsafe { pg_sys::ParallelWorkerNumber < 0 && pg_sys::MyDatabaseId != pg_sys::Oid::INVALID };
+    ordinary_backend
+        && match TRACK.get() {
+            Track::None => false,
+            Track::Top => nesting == 0,
+            Track::All => true,
+        }
+}
+
+fn nesting() -> u32 {
+    BACKEND.with(|backend| backend.nesting.get())
+}
+
+/// Runs `chained` one level deeper. If it raises an error, the level is restored by the
+/// transaction callbacks, not here (see the module documentation).
+#[inline]
+fn nested(chained: impl FnOnce()) {
+    BACKEND.with(|backend| backend.nesting.set(backend.nesting.get() + 1));
+    chained();
+    BACKEND.with(|backend| backend.nesting.set(backend.nesting.get().saturating_sub(1)));
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: c_int) {
+    let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int != 0;
+    let attribution = (!explain_only && tracking(nesting()))
+        .then(|| current_company().map_or(Attribution::Unattributed, Attribution::Company));
+    // SAFETY: chaining as PostgreSQL documents; the previous hook is a C function that may raise.
+    unsafe { hook_chain::executor_start(PREV_EXECUTOR_START, query, eflags) }
+    let Some(attribution) = attribution else { return };
+    // SAFETY: ExecutorStart succeeded, so the query's estate and memory context exist; the timer
+    // lives in that context and is freed with the query, as pg_stat_statements allocates it.
+    unsafe {
+        if matches!(attribution, Attribution::Company(_)) && (*query).totaltime.is_null() {
+            let old_context = pg_sys::MemoryContextSwitchTo((*(*query).estate).es_query_cxt);
+            // INSTRUMENT_ALL, not just the timer: another extension that finds this timer already
+            // allocated (pg_stat_statements, auto_explain) reads buffer and WAL usage from it.
+            #[cfg(feature = "pg13")]
+            let timer = pg_sys::InstrAlloc(1, pg_sys::InstrumentOption::INSTRUMENT_ALL as c_int);
+            #[cfg(not(feature = "pg13"))]
+            let timer = pg_sys::InstrAlloc(1, pg_sys::InstrumentOption::INSTRUMENT_ALL as c_int, false);
+            (*query).totaltime = timer;
+            pg_sys::MemoryContextSwitchTo(old_context);
+        }
+        let capture = Capture {
+            query,
+            attribution,
+            started: pg_sys::GetCurrentStatementStartTimestamp(),
+            xact_level: pg_sys::GetCurrentTransactionNestLevel(),
+        };
+        BACKEND.with(|backend| backend.captures.borrow_mut().push(capture));
+    }
+}
+
+#[cfg(not(feature = "pg18"))]
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_run(
+    query: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    // SAFETY: chaining as PostgreSQL documents.
+    unsafe { nested(|| hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count, execute_once)) }
+}
+
+#[cfg(feature = "pg18")]
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_run(
+    query: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+) {
+    // SAFETY: chaining as PostgreSQL documents.
+    unsafe { nested(|| hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
+    // SAFETY: chaining as PostgreSQL documents.
+    unsafe { nested(|| hook_chain::executor_finish(PREV_EXECUTOR_FINISH, query)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
+    flush_pending_errors();
+    let capture = BACKEND.with(|backend| {
+        let mut captures = backend.captures.borrow_mut();
+        let position = captures.iter().rposition(|capture| std::ptr::eq(capture.query, query))?;
+        Some(captures.remove(position))
+    });
+    if let Some(capture) = capture {
+        // SAFETY: the executor state is still alive: standard_ExecutorEnd, which frees it, runs below.
+        unsafe { record_completed(query, &capture) };
+    }
+    // SAFETY: chaining as PostgreSQL documents.
+    unsafe { hook_chain::executor_end(PREV_EXECUTOR_END, query) }
+}
+
+unsafe fn record_completed(query: *mut pg_sys::QueryDesc, capture: &Capture) {
+    let Attribution::Company(key) = capture.attribution else {
+        table::count_unattributed_call();
+        return;
+    };
+    // SAFETY: the caller guarantees the query descriptor and its estate are alive.
+    let (micros, rows) = unsafe {
+        let timer = (*query).totaltime;
+        let micros = if timer.is_null() {
+            0.0
+        } else {
+            pg_sys::InstrEndLoop(timer);
+            (*timer).total * 1_000_000.0
+        };
+        (micros, (*(*query).estate).es_processed)
+    };
+    table::update(&key, capture.started, |counters| counters.record_call(micros, rows, capture.started));
+}
+
+#[cfg(not(feature = "pg13"))]
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    statement: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    completion: *mut pg_sys::QueryCompletion,
+) {
+    // Utility commands are not counted, but what they run (CALL, DO, EXPLAIN ANALYZE, CREATE TABLE AS)
+    // is nested inside them, not a statement of the client's.
+    // SAFETY: chaining as PostgreSQL documents.
+    unsafe {
+        nested(|| {
+            hook_chain::process_utility(
+                PREV_PROCESS_UTILITY,
+                statement,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                completion,
+            )
+        })
+    }
+}
+
+#[cfg(feature = "pg13")]
+#[pg_guard]
+unsafe extern "C-unwind" fn process_utility(
+    statement: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    completion: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: chaining as PostgreSQL documents.
+    unsafe {
+        nested(|| {
+            hook_chain::process_utility(
+                PREV_PROCESS_UTILITY,
+                statement,
+                query_string,
+                context,
+                params,
+                query_env,
+                dest,
+                completion,
+            )
+        })
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn emit_log(error: *mut pg_sys::ErrorData) {
+    // SAFETY: PostgreSQL passes the error being reported.
+    if unsafe { (*error).elevel } == PgLogLevel::ERROR as c_int {
+        note_error();
+    }
+    // SAFETY: chaining as PostgreSQL documents.
+    unsafe {
+        if let Some(prev) = PREV_EMIT_LOG {
+            prev(error);
+        }
+    }
+}
+
+/// Remembers an ERROR for the company of the outermost statement running, or, before any statement
+/// started (a parse or planning error, a utility command), the company the setting names now.
+fn note_error() {
+    let _ = BACKEND.try_with(|backend| {
+        let nesting = backend.nesting.get();
+        let Ok(captures) = backend.captures.try_borrow() else { return };
+        let outermost = captures.first().map(|capture| capture.attribution);
+        drop(captures);
+        let attribution = match outermost {
+            Some(attribution) => Some(attribution),
+            None if tracking(nesting) => current_company().map(Attribution::Company),
+            None => None,
+        };
+        if let (Some(Attribution::Company(key)), Ok(mut pending)) =
+            (attribution, backend.pending_errors.try_borrow_mut())
+        {
+            // SAFETY: reads a backend-local timestamp.
+            pending.push((key, unsafe { pg_sys::GetCurrentStatementStartTimestamp() }));
+        }
+    });
+}
+
+fn flush_pending_errors() {
+    let pending = BACKEND.with(|backend| {
+        if backend.pending_errors.borrow().is_empty() {
+            return Vec::new();
+        }
+        std::mem::take(&mut *backend.pending_errors.borrow_mut())
+    });
+    for (key, at) in pending {
+        table::update(&key, at, |counters| counters.record_errors(1, at));
+    }
+}
+
+/// Has `intervals` applied to the snapshot baselines if, and only if, the current transaction commits.
+pub(super) fn commit_with_transaction(intervals: Vec<(CompanyKey, Interval)>) {
+    // SAFETY: reads the current transaction's nesting level.
+    let xact_level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
+    BACKEND.with(|backend| {
+        backend.pending_snapshots.borrow_mut().push(PendingSnapshot { xact_level, intervals })
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT => {
+            // Every executor of the transaction has ended by now (portals are closed or persisted
+            // before this event), so a capture left over could only be a leak: never let them pile up.
+            let pending = BACKEND.with(|backend| {
+                backend.captures.borrow_mut().clear();
+                std::mem::take(&mut *backend.pending_snapshots.borrow_mut())
+            });
+            for snapshot in pending {
+                table::commit_intervals(&snapshot.intervals);
+            }
+        }
+        pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE
+            if BACKEND.with(|backend| !backend.pending_snapshots.borrow().is_empty()) =>
+        {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "cannot PREPARE a transaction that has run tenant_scale.snapshot_stats()",
+                function_name!(),
+            )
+            .set_detail("The snapshot's baselines move only when its own transaction commits.")
+            .set_hint("Run snapshot_stats() in an ordinary transaction.")
+            .report(PgLogLevel::ERROR);
+        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT => {
+            BACKEND.with(|backend| {
+                backend.nesting.set(0);
+                backend.subxact_nesting.borrow_mut().clear();
+                backend.captures.borrow_mut().clear();
+                backend.pending_snapshots.borrow_mut().clear();
+            });
+            flush_pending_errors();
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    _subtransaction: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut c_void,
+) {
+    // SAFETY: the callback runs inside the subtransaction that is ending.
+    let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
+    match event {
+        pg_sys::SubXactEvent::SUBXACT_EVENT_START_SUB => {
+            BACKEND.with(|backend| backend.subxact_nesting.borrow_mut().push(backend.nesting.get()));
+        }
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+            BACKEND.with(|backend| {
+                if let Some(depth) = backend.subxact_nesting.borrow_mut().pop() {
+                    backend.nesting.set(depth);
+                }
+                backend.captures.borrow_mut().retain(|capture| capture.xact_level < level);
+                backend.pending_snapshots.borrow_mut().retain(|snapshot| snapshot.xact_level < level);
+            });
+            flush_pending_errors();
+        }
+        // What the committed subtransaction started now belongs to its parent.
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => BACKEND.with(|backend| {
+            backend.subxact_nesting.borrow_mut().pop();
+            for capture in backend.captures.borrow_mut().iter_mut() {
+                capture.xact_level = capture.xact_level.min(level - 1);
+            }
+            for snapshot in backend.pending_snapshots.borrow_mut().iter_mut() {
+                snapshot.xact_level = snapshot.xact_level.min(level - 1);
+            }
+        }),
+        _ => {}
+    }
+}
