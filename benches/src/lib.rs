@@ -171,6 +171,33 @@ impl Comparison {
     }
 }
 
+/// Runs `rounds` interleaved rounds of one workload measured with [`pgbench_cpu`]-style figures:
+/// `measure(variant)` returns (rate, rate per second of server CPU), and the two are compared
+/// separately, in that order, so that a runner can print both and judge on the second.
+pub fn compare_with_cpu(
+    workload: &str,
+    variants: &[&str],
+    unit: &'static str,
+    rounds: usize,
+    mut measure: impl FnMut(usize) -> Result<(f64, f64)>,
+) -> Result<[Comparison; 2]> {
+    let mut by_time = Comparison::new(workload, variants, unit);
+    let mut by_cpu = Comparison::new(workload, variants, "per server CPU second");
+    for _ in 0..rounds {
+        for index in 0..variants.len() {
+            let (rate, rate_per_cpu) = measure(index)?;
+            by_time.variants[index].1.push(rate);
+            by_cpu.variants[index].1.push(rate_per_cpu);
+        }
+    }
+    Ok([by_time, by_cpu])
+}
+
+/// SQL expression: the CPU time this backend has used so far, in ns (first field of
+/// /proc/self/schedstat). Unlike wall time it leaves out what the machine spent on other processes.
+/// Read with pg_read_file, so the session must be a superuser's.
+pub const BACKEND_CPU_NS: &str = "split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint";
+
 /// The first lines of every runner's output, for benches/RESULTS.md: when, on what, against what.
 pub fn machine_header() -> Result<String> {
     let shell = |command: &str| -> Result<String> {
@@ -222,5 +249,16 @@ mod tests {
         assert!(comparison.report().contains("median ratio to plain 0.950x"));
         assert!((comparison.median_ratio_to(0, 1) - 1.0 / 0.95).abs() < 1e-9);
         assert_eq!(median(&[3.0, 1.0, 2.0, 4.0]), 2.5);
+    }
+
+    #[test]
+    fn both_figures_of_a_run_are_compared_separately() {
+        let runs = [(100.0, 10.0), (90.0, 9.5), (60.0, 10.0), (30.0, 9.0)];
+        let mut next = runs.iter();
+        let [by_time, by_cpu] =
+            compare_with_cpu("w", &["plain", "ext"], "tps", 2, |_| Ok(*next.next().unwrap())).unwrap();
+        assert!((by_time.median_ratio(1) - (0.9 + 0.5) / 2.0).abs() < 1e-9);
+        assert!((by_cpu.median_ratio(1) - (0.95 + 0.9) / 2.0).abs() < 1e-9);
+        assert!(by_cpu.report().contains("w: ext: per server CPU second [9.5, 9.0]"));
     }
 }

@@ -16,7 +16,7 @@
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use tenant_scale_benches::{Comparison, machine_header, pgbench_cpu};
+use tenant_scale_benches::{BACKEND_CPU_NS, Comparison, compare_with_cpu, machine_header, pgbench_cpu};
 use tenant_scale_harness::{Cluster, ClusterBuilder, pg_bindir};
 
 const SCALE: u32 = 5;
@@ -71,9 +71,8 @@ fn main() -> Result<()> {
         ("select-only (-S), 8 clients, one company", select_only, 8, 5_000, false),
     ];
     for (name, script, clients, transactions, rotate_companies) in workloads {
-        let mut runs: Vec<(f64, f64)> = Vec::new();
         let mut round = 0;
-        Comparison::new(name, &VARIANTS, "").run(rounds, |variant| {
+        let comparisons = compare_with_cpu(name, &VARIANTS, "tps", rounds, |variant| {
             if variant == 0 {
                 round += 1;
             }
@@ -84,13 +83,9 @@ fn main() -> Result<()> {
                 clusters[variant]
                     .psql(&format!("ALTER ROLE postgres SET tenant_scale.company = 'company_{company}'"))?;
             }
-            runs.push(pgbench_cpu(&clusters[variant], script, clients, transactions * scale_runs)?);
-            Ok(0.0)
+            pgbench_cpu(&clusters[variant], script, clients, transactions * scale_runs)
         })?;
-        for (unit, pick) in [("tps", 0), ("tx per server CPU second", 1)] {
-            let mut figures = runs.iter().map(|run| if pick == 0 { run.0 } else { run.1 });
-            let mut comparison = Comparison::new(name, &VARIANTS, unit);
-            comparison.run(rounds, |_| figures.next().context("one figure per run"))?;
+        for comparison in comparisons {
             print!("{}", comparison.report());
         }
     }
@@ -110,11 +105,11 @@ fn statement_cost(clusters: &[Cluster; 4], rounds: usize) -> Result<()> {
         "CREATE OR REPLACE FUNCTION bench_loop() RETURNS float8 LANGUAGE plpgsql AS $$ \
          DECLARE cpu_ns_before bigint; balance int; \
          BEGIN \
-           cpu_ns_before := split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint; \
+           cpu_ns_before := {BACKEND_CPU_NS}; \
            FOR i IN 1..{STATEMENTS} LOOP \
              SELECT abalance INTO balance FROM pgbench_accounts WHERE aid = (i * 7919) % 500000 + 1; \
            END LOOP; \
-           RETURN (split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint - cpu_ns_before) \
+           RETURN ({BACKEND_CPU_NS} - cpu_ns_before) \
                   / 1000.0 / {STATEMENTS}; \
          END $$"
     );
