@@ -23,6 +23,7 @@
 
 mod catalog;
 mod cursor;
+mod jsonb;
 mod order;
 mod query;
 mod settings;
@@ -31,13 +32,11 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use std::ffi::CString;
-
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, JsonB, PgRelation};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, JsonB, PgMemoryContexts, PgRelation};
 use serde_json::{Map, Value};
 
 use catalog::{Column, TypeSupport};
@@ -89,18 +88,15 @@ fn keyset_page(
     filter: default!(Option<JsonB>, "'{}'"),
 ) -> JsonbDatum {
     let request = Request::new(relation, order_by, page_size, cursor, filter);
-    let text = Spi::connect(|client| request.page(client))
+    // SAFETY: reads the current memory context, this call's, which PostgreSQL keeps for the returned
+    // value (SPI's own context ends with the connection).
+    let call_memory = PgMemoryContexts::For(unsafe { pg_sys::CurrentMemoryContext });
+    let page = Spi::connect(|client| request.page(client, call_memory))
         .unwrap_or_else(|error| pgrx::error!("tenant_scale: reading the page failed: {error}"));
-    let text =
-        CString::new(text).unwrap_or_else(|_| pgrx::error!("tenant_scale: JSON text holds a NUL byte"));
-    // SAFETY: jsonb_in reads a NUL-terminated string; outside Spi::connect its result is allocated in
-    // this call's memory context, which PostgreSQL keeps for the returned value.
-    let page =
-        unsafe { pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[text.as_c_str().into_datum()]) };
-    JsonbDatum(page.unwrap_or_else(|| pgrx::error!("tenant_scale: jsonb_in returned NULL")))
+    JsonbDatum(page)
 }
 
-/// A jsonb value made by `jsonb_in`, returned as it is.
+/// A jsonb value built in the function's memory context, returned as it is.
 pub(crate) struct JsonbDatum(pg_sys::Datum);
 
 // SAFETY: the datum is a jsonb value allocated in the function's caller's memory context.
@@ -200,11 +196,10 @@ struct Scan {
     args: Vec<(pg_sys::Datum, pg_sys::Oid)>,
 }
 
-/// A fetched row: its JSON text and its sort-key values (`None` for NULL), which stay valid until the
-/// SPI connection that fetched them closes.
+/// A fetched row: the row as jsonb and its sort-key values (`None` for NULL), which stay valid until
+/// the SPI connection that fetched them closes.
 struct Row {
-    /// to_json's text, in the server encoding.
-    data: Vec<u8>,
+    data: Option<pg_sys::Datum>,
     key: Vec<Option<pg_sys::Datum>>,
 }
 
@@ -253,10 +248,8 @@ impl Request {
         }
     }
 
-    /// The page as JSON text. The rows arrive as JSON text (`to_json`, as a hand-written json_agg query
-    /// would make them) and are copied in as they are: no value passes through a Rust JSON type, so
-    /// nothing is rounded; keyset_page reads the whole page with `jsonb_in` once.
-    fn page(&self, client: &SpiClient<'_>) -> SpiResult<Vec<u8>> {
+    /// The page as jsonb, allocated in `memory` (see jsonb.rs).
+    fn page(&self, client: &SpiClient<'_>, mut memory: PgMemoryContexts) -> SpiResult<pg_sys::Datum> {
         let scan = self.first_scan();
         let mut rows = scan.run(client, self.page_size + 1)?;
         let (mut forward, mut from_cursor) = (scan.forward, self.cursor.is_some());
@@ -273,32 +266,25 @@ impl Request {
             rows.reverse();
         }
         let (has_next, has_prev) = if forward { (more, from_cursor) } else { (from_cursor, more) };
-        let cursor_at = |direction, row: Option<&Row>| -> String {
-            let Some(row) = row.filter(|_| if direction == Direction::After { has_next } else { has_prev })
-            else {
-                return "null".to_string();
-            };
+        let cursor_at = |direction, row: Option<&Row>| -> Option<String> {
+            let row = row.filter(|_| if direction == Direction::After { has_next } else { has_prev })?;
             let key = row.key.iter().zip(&self.listing.key_columns);
             let key = key.map(|(value, column)| value.map(|datum| column.support.render(datum))).collect();
-            // base64url needs no JSON escaping.
-            format!("\"{}\"", Cursor { direction, key }.encode(&self.secret, &self.listing.fingerprint))
+            Some(Cursor { direction, key }.encode(&self.secret, &self.listing.fingerprint))
         };
-        let mut text = Vec::with_capacity(rows.iter().map(|row| row.data.len() + 1).sum::<usize>() + 256);
-        text.extend_from_slice(b"{\"data\": [");
-        for (index, row) in rows.iter().enumerate() {
-            if index > 0 {
-                text.push(b',');
-            }
-            text.extend_from_slice(&row.data);
-        }
-        let tail = format!(
-            "], \"page_size\": {}, \"has_next\": {has_next}, \"has_prev\": {has_prev}, \"next_cursor\": {}, \"prev_cursor\": {}}}",
-            self.page_size,
-            cursor_at(Direction::After, rows.last()),
-            cursor_at(Direction::Before, rows.first()),
-        );
-        text.extend_from_slice(tail.as_bytes());
-        Ok(text)
+        let (next_cursor, prev_cursor) =
+            (cursor_at(Direction::After, rows.last()), cursor_at(Direction::Before, rows.first()));
+        let tail = jsonb::PageTail {
+            // checked_page_size keeps it within an int4 limit.
+            page_size: self.page_size as i32,
+            has_next,
+            has_prev,
+            next_cursor: next_cursor.as_deref(),
+            prev_cursor: prev_cursor.as_deref(),
+        };
+        // SAFETY: `memory` is the calling function's context, alive after the switch; the row datums are
+        // jsonb values of tuples this SPI connection still holds.
+        Ok(unsafe { memory.switch_to(|_| jsonb::page(rows.iter().map(|row| row.data), &tail)) })
     }
 }
 
@@ -520,11 +506,7 @@ impl Scan {
             let plan = kept_plan(client, sql, &types)?;
             let mut table = client.select(&*plan, Some(missing as i64), &args)?;
             while table.next().is_some() {
-                let data = match table.get_datum_by_ordinal(1)? {
-                    // SAFETY: a json datum of this tuple, read while its tuple table is alive.
-                    Some(datum) => unsafe { varlena_bytes(datum) },
-                    None => b"null".to_vec(),
-                };
+                let data = table.get_datum_by_ordinal(1)?;
                 let key = (0..self.key_count)
                     .map(|index| table.get_datum_by_ordinal(index + 2))
                     .collect::<SpiResult<_>>()?;
@@ -532,24 +514,6 @@ impl Scan {
             }
         }
         Ok(rows)
-    }
-}
-
-/// The bytes of a text-like varlena (json here), in the server encoding.
-///
-/// # Safety
-/// `datum` must be a non-null varlena datum that stays valid during the call.
-unsafe fn varlena_bytes(datum: pg_sys::Datum) -> Vec<u8> {
-    unsafe {
-        let original = datum.cast_mut_ptr::<pg_sys::varlena>();
-        let plain = pg_sys::pg_detoast_datum_packed(original);
-        let bytes =
-            std::slice::from_raw_parts(pgrx::vardata_any(plain).cast::<u8>(), pgrx::varsize_any_exhdr(plain))
-                .to_vec();
-        if plain != original {
-            pg_sys::pfree(plain.cast());
-        }
-        bytes
     }
 }
 

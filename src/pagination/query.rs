@@ -21,7 +21,7 @@
 
 use super::order::OrderItem;
 
-/// Alias of the paged relation in every statement; the row goes out as `to_json(alias.*)`.
+/// Alias of the paged relation in every statement; the row goes out as `to_jsonb(alias.*)`.
 const ALIAS: &str = "keyset_row";
 
 /// One sort key of the listing, resolved against the relation.
@@ -149,7 +149,7 @@ impl Listing<'_> {
         let order: Vec<String> =
             self.keys.iter().map(|key| format!("{} {}", key.column(), key.item.direction_sql())).collect();
         let mut sql = format!(
-            "SELECT pg_catalog.to_json({ALIAS}.*), {} FROM {} AS {ALIAS}",
+            "SELECT pg_catalog.to_jsonb({ALIAS}.*), {} FROM {} AS {ALIAS}",
             keys.join(", "),
             self.relation
         );
@@ -197,7 +197,7 @@ mod tests {
         assert_eq!(
             statements,
             vec![
-                "SELECT pg_catalog.to_json(keyset_row.*), keyset_row.a, keyset_row.id FROM public.t AS keyset_row \
+                "SELECT pg_catalog.to_jsonb(keyset_row.*), keyset_row.a, keyset_row.id FROM public.t AS keyset_row \
                  WHERE keyset_row.company = $1 AND ROW(keyset_row.a, keyset_row.id) < ROW($2, $3) \
                  ORDER BY keyset_row.a DESC NULLS FIRST, keyset_row.id DESC NULLS FIRST LIMIT 21"
                     .to_string()
