@@ -1,0 +1,365 @@
+//! Company-scoped values in Redis, with an in-memory fallback that keeps callers served when Redis is
+//! down or slow.
+//!
+//! Invariants:
+//! - Every key is scoped by company and namespace (`ts:c:<company>:<namespace>:<key>`, length-prefixed)
+//!   and suffixed with two generations, the company's and the namespace's. Invalidating a company or a
+//!   namespace is one INCR of its generation (O(1), no SCAN): nothing reads the old generation again
+//!   and its values expire with their TTL. A read is one round trip (`lookup.lua` returns both
+//!   generations and the value); a miss is stored under the generations that read saw, so a value
+//!   loaded across an invalidation is never served.
+//! - Single flight: concurrent misses of one key in this process run the loader once; the others wait
+//!   for it and read what it stored. Different keys never wait for each other.
+//! - Redis unavailable (see `redis_link.rs`): reads and writes go to a bounded moka cache with the same
+//!   TTLs, scoped by in-process generations, and the caller sees no error. Invalidations that could not
+//!   reach Redis are kept and replayed when it answers again, before it serves anything, and the
+//!   fallback is emptied then (it may hold values Redis never saw). Other processes' invalidations made
+//!   during the outage reach this process's fallback only through the TTL.
+//! - Values are serde_json text in both places.
+
+mod stats;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::redis_link::{RedisConfig, RedisHealth, RedisLink, Unavailable, scoped_key};
+pub use stats::{CacheCounters, CacheStats};
+use stats::{Event, Recorder};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheConfig {
+    pub redis: RedisConfig,
+    /// TTL of `get_or_set` calls that give none (300 s).
+    pub default_ttl: Duration,
+    /// Entries the in-memory fallback holds at most (10,000).
+    pub fallback_capacity: u64,
+}
+
+impl CacheConfig {
+    pub fn new(redis: RedisConfig) -> Self {
+        CacheConfig { redis, default_ttl: Duration::from_secs(300), fallback_capacity: 10_000 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CacheError {
+    #[error("invalid REDIS_URL: {0}")]
+    Redis(String),
+}
+
+/// What `health()` reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheHealth {
+    pub redis: RedisHealth,
+    /// Entries currently held by the in-memory fallback.
+    pub fallback_entries: u64,
+}
+
+#[derive(Clone)]
+struct Stored {
+    json: Arc<str>,
+    ttl: Duration,
+}
+
+struct TtlPerEntry;
+
+impl moka::Expiry<String, Stored> for TtlPerEntry {
+    fn expire_after_create(&self, _key: &String, value: &Stored, _created_at: Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// What one lookup found, and where a value loaded now would go.
+enum Lookup {
+    Hit { json: Arc<str>, store_at: StoreAt },
+    Miss(StoreAt),
+}
+
+enum StoreAt {
+    Redis(String),
+    Fallback(String),
+}
+
+static LOOKUP: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("lookup.lua")));
+
+/// A scope an invalidation applies to: a company, or one namespace of it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Scope {
+    company: String,
+    namespace: Option<String>,
+}
+
+impl Scope {
+    fn generation_key(&self) -> String {
+        match &self.namespace {
+            None => scoped_key("gen", &[&self.company]),
+            Some(namespace) => scoped_key("gen", &[&self.company, namespace]),
+        }
+    }
+}
+
+pub struct Cache {
+    config: CacheConfig,
+    redis: RedisLink,
+    fallback: moka::future::Cache<String, Stored>,
+    /// In-process generations for the fallback, by generation key.
+    local_generations: Mutex<HashMap<String, u64>>,
+    /// Invalidations Redis has not seen yet.
+    pending: Mutex<HashSet<Scope>>,
+    /// `redis.outages()` when this cache last resynchronised with Redis.
+    synced_outages: AtomicU64,
+    flights: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    stats: Recorder,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Cache {
+    pub fn new(config: CacheConfig) -> Result<Self, CacheError> {
+        let redis =
+            RedisLink::new(config.redis.clone()).map_err(|error| CacheError::Redis(error.to_string()))?;
+        let fallback = moka::future::Cache::builder()
+            .max_capacity(config.fallback_capacity)
+            .expire_after(TtlPerEntry)
+            .build();
+        Ok(Cache {
+            config,
+            redis,
+            fallback,
+            local_generations: Mutex::default(),
+            pending: Mutex::default(),
+            synced_outages: AtomicU64::new(0),
+            flights: Mutex::default(),
+            stats: Recorder::default(),
+        })
+    }
+
+    /// The value of `key` in `company`'s `namespace`, or what `loader` returns, stored for `ttl` (the
+    /// configured default when `None`). A loader error is returned as is and nothing is stored.
+    pub async fn get_or_set<T, E, F, Fut>(
+        &self,
+        company: &str,
+        namespace: &str,
+        key: &str,
+        ttl: Option<Duration>,
+        loader: F,
+    ) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let base = scoped_key("c", &[company, namespace, key]);
+        if let Lookup::Hit { json, .. } = self.lookup(company, namespace, &base).await
+            && let Some(value) = self.decode(company, &json)
+        {
+            self.stats.record(company, Event::Hit);
+            return Ok(value);
+        }
+        let flight = self.join_flight(&base);
+        let result = async {
+            let _turn = flight.lock().await;
+            // Whoever held the turn before may have stored the value meanwhile.
+            let store_at = match self.lookup(company, namespace, &base).await {
+                Lookup::Hit { json, store_at } => match self.decode(company, &json) {
+                    Some(value) => {
+                        self.stats.record(company, Event::Hit);
+                        return Ok(value);
+                    }
+                    // A value this version of `T` cannot read is replaced by a fresh load.
+                    None => store_at,
+                },
+                Lookup::Miss(store_at) => store_at,
+            };
+            self.stats.record(company, Event::Miss);
+            let value = loader().await?;
+            match serde_json::to_string(&value) {
+                Ok(json) => self.store(company, store_at, json, ttl.unwrap_or(self.config.default_ttl)).await,
+                Err(_) => self.stats.record(company, Event::Error),
+            }
+            Ok(value)
+        }
+        .await;
+        self.leave_flight(&base, flight);
+        result
+    }
+
+    /// Forgets every value of `company`, in O(1).
+    pub async fn invalidate_company(&self, company: &str) {
+        self.invalidate(Scope { company: company.to_string(), namespace: None }).await;
+    }
+
+    /// Forgets every value of one namespace of `company`, in O(1).
+    pub async fn invalidate_namespace(&self, company: &str, namespace: &str) {
+        self.invalidate(Scope { company: company.to_string(), namespace: Some(namespace.to_string()) }).await;
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats.snapshot()
+    }
+
+    pub fn health(&self) -> CacheHealth {
+        CacheHealth { redis: self.redis.health(), fallback_entries: self.fallback.entry_count() }
+    }
+
+    async fn invalidate(&self, scope: Scope) {
+        *locked(&self.local_generations).entry(scope.generation_key()).or_default() += 1;
+        self.resync().await;
+        let key = scope.generation_key();
+        let outcome = self
+            .redis
+            .run(|mut connection| async move {
+                redis::cmd("INCR").arg(key).query_async::<i64>(&mut connection).await
+            })
+            .await;
+        if let Err(unavailable) = outcome {
+            self.count_unavailable(&scope.company, unavailable);
+            locked(&self.pending).insert(scope);
+        }
+    }
+
+    async fn lookup(&self, company: &str, namespace: &str, base: &str) -> Lookup {
+        self.resync().await;
+        let company_key = scoped_key("gen", &[company]);
+        let namespace_key = scoped_key("gen", &[company, namespace]);
+        let found = self
+            .redis
+            .run(|mut connection| {
+                let (company_key, namespace_key) = (company_key.clone(), namespace_key.clone());
+                async move {
+                    LOOKUP
+                        .key(company_key)
+                        .key(namespace_key)
+                        .arg(base)
+                        .invoke_async::<(String, String, Option<String>)>(&mut connection)
+                        .await
+                }
+            })
+            .await;
+        match found {
+            Ok((company_gen, namespace_gen, value)) => {
+                let store_at = StoreAt::Redis(format!("{base}:g{company_gen}.{namespace_gen}"));
+                match value {
+                    Some(json) => Lookup::Hit { json: json.into(), store_at },
+                    None => Lookup::Miss(store_at),
+                }
+            }
+            Err(unavailable) => {
+                self.count_unavailable(company, unavailable);
+                let key = self.fallback_key(base, &company_key, &namespace_key);
+                match self.fallback.get(&key).await {
+                    Some(stored) => Lookup::Hit { json: stored.json, store_at: StoreAt::Fallback(key) },
+                    None => Lookup::Miss(StoreAt::Fallback(key)),
+                }
+            }
+        }
+    }
+
+    async fn store(&self, company: &str, at: StoreAt, json: String, ttl: Duration) {
+        let json: Arc<str> = json.into();
+        match at {
+            StoreAt::Redis(key) => {
+                let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+                let value = json.clone();
+                let stored = self
+                    .redis
+                    .run(|mut connection| async move {
+                        redis::cmd("SET")
+                            .arg(key)
+                            .arg(&*value)
+                            .arg("PX")
+                            .arg(millis)
+                            .exec_async(&mut connection)
+                            .await
+                    })
+                    .await;
+                if let Err(unavailable) = stored {
+                    self.count_unavailable(company, unavailable);
+                }
+            }
+            StoreAt::Fallback(key) => self.fallback.insert(key, Stored { json, ttl }).await,
+        }
+    }
+
+    fn fallback_key(&self, base: &str, company_key: &str, namespace_key: &str) -> String {
+        let generations = locked(&self.local_generations);
+        let generation = |key: &str| generations.get(key).copied().unwrap_or(0);
+        format!("{base}:l{}.{}", generation(company_key), generation(namespace_key))
+    }
+
+    fn decode<T: DeserializeOwned>(&self, company: &str, json: &str) -> Option<T> {
+        let decoded = serde_json::from_str(json).ok();
+        if decoded.is_none() {
+            self.stats.record(company, Event::Error);
+        }
+        decoded
+    }
+
+    fn count_unavailable(&self, company: &str, unavailable: Unavailable) {
+        if unavailable == Unavailable::Failed {
+            self.stats.record(company, Event::Error);
+        }
+        self.stats.record(company, Event::Fallback);
+    }
+
+    /// After an outage, before Redis serves anything: deliver the invalidations it missed and drop the
+    /// fallback's values. Nothing is sent while the circuit is open.
+    async fn resync(&self) {
+        let outages = self.redis.outages();
+        if outages == self.synced_outages.load(Ordering::Acquire) {
+            return;
+        }
+        let delivered = self
+            .redis
+            .run(|mut connection| {
+                let scopes: Vec<Scope> = locked(&self.pending).iter().cloned().collect();
+                async move {
+                    // PING makes even an empty resync a real round trip.
+                    let mut pipeline = redis::pipe();
+                    pipeline.cmd("PING").ignore();
+                    for scope in &scopes {
+                        pipeline.cmd("INCR").arg(scope.generation_key()).ignore();
+                    }
+                    pipeline.exec_async(&mut connection).await.map(|()| scopes)
+                }
+            })
+            .await;
+        if let Ok(scopes) = delivered {
+            let mut pending = locked(&self.pending);
+            for scope in &scopes {
+                pending.remove(scope);
+            }
+            self.fallback.invalidate_all();
+            self.synced_outages.store(outages, Ordering::Release);
+        }
+    }
+
+    fn join_flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut flights = locked(&self.flights);
+        if let Some(flight) = flights.get(key).and_then(Weak::upgrade) {
+            return flight;
+        }
+        let flight = Arc::new(tokio::sync::Mutex::new(()));
+        flights.insert(key.to_string(), Arc::downgrade(&flight));
+        flight
+    }
+
+    fn leave_flight(&self, key: &str, flight: Arc<tokio::sync::Mutex<()>>) {
+        let mut flights = locked(&self.flights);
+        // The map's Weak does not count: when ours is the last strong reference nobody else waits.
+        if Arc::strong_count(&flight) == 1 {
+            flights.remove(key);
+        }
+    }
+}

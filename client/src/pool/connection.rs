@@ -1,0 +1,207 @@
+//! A pooled connection attributed to one company (or to none).
+//!
+//! How attribution works, and why this way:
+//! - Every checkout sets `tenant_scale.company` with `set_config(..., false)`: to the company, or to ''
+//!   for an unattributed checkout. Setting it on every checkout, whatever the connection did before,
+//!   is what keeps one user's company from leaking to the next; nothing is left for a recycle step to
+//!   undo (a `RESET` on recycle would cost a round trip per checkout and would fail, leaving the old
+//!   value, on a connection whose transaction had failed).
+//! - The setting runs as its own statement, before any statement of the caller, so it commits on its
+//!   own: a caller's transaction that fails or rolls back cannot take it back, and the statements after
+//!   the rollback stay attributed. `SET LOCAL` would attribute only the statements inside an explicit
+//!   transaction and nothing in autocommit.
+//! - It costs no round trip of its own: it is queued together with the caller's first statement
+//!   (tokio-postgres writes both in one go, and PostgreSQL answers them in order), and both results are
+//!   awaited together. If the setting fails, the caller gets `Error::Attribution` and the connection is
+//!   discarded instead of going back to the pool.
+//! - A `Transaction` from `transaction()` rolls back when dropped unfinished (tokio-postgres queues the
+//!   ROLLBACK), so it is over before the next checkout's setting runs. Statements that open a transaction
+//!   by hand (`BEGIN` through `batch_execute`) and return the connection without ending it are a caller
+//!   error this type cannot see; use `transaction()`.
+
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
+
+use deadpool_postgres::{Object, Transaction};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement, ToStatement};
+
+use super::error::{Error, QuotaExceeded};
+use super::node::{Node, Role};
+
+pub(crate) const ATTRIBUTE: &str = "SELECT pg_catalog.set_config('tenant_scale.company', $1, false)";
+
+/// A connection checked out of a `TenantPool`; it goes back to the pool when dropped.
+///
+/// Its statement methods mirror tokio-postgres's and return [`Error`], with quota errors typed.
+pub struct TenantConnection {
+    object: Option<Object>,
+    node: Arc<Node>,
+    company: String,
+    /// The prepared `set_config`, until it has been sent.
+    pending_attribution: Mutex<Option<Statement>>,
+    /// Set when the connection must not go back to the pool.
+    discard: std::sync::atomic::AtomicBool,
+    ban: std::time::Duration,
+}
+
+impl TenantConnection {
+    pub(crate) async fn attach(
+        object: Object,
+        node: Arc<Node>,
+        company: Option<&str>,
+        ban: std::time::Duration,
+    ) -> Result<TenantConnection, Error> {
+        // Cached per connection: a round trip only on a connection's first checkout.
+        let statement = match object.prepare_cached(ATTRIBUTE).await {
+            Ok(statement) => statement,
+            Err(source) => {
+                // The connection is unusable; do not return it to the pool.
+                drop(Object::take(object));
+                return Err(Error::Database { node: node.name.clone(), source });
+            }
+        };
+        Ok(TenantConnection {
+            object: Some(object),
+            node,
+            company: company.unwrap_or_default().to_string(),
+            pending_attribution: Mutex::new(Some(statement)),
+            discard: false.into(),
+            ban,
+        })
+    }
+
+    /// The company this connection's statements are attributed to ('' for none).
+    pub fn company(&self) -> &str {
+        &self.company
+    }
+
+    /// Name (host:port/dbname) and role of the server this connection is on.
+    pub fn server(&self) -> (&str, Role) {
+        (&self.node.name, self.node.role)
+    }
+
+    fn object(&self) -> &Object {
+        self.object.as_ref().expect("present until drop")
+    }
+
+    pub async fn query<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(self.object().query(statement, params)).await
+    }
+
+    pub async fn query_one<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(self.object().query_one(statement, params)).await
+    }
+
+    pub async fn query_opt<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(self.object().query_opt(statement, params)).await
+    }
+
+    pub async fn execute<T>(&self, statement: &T, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Error>
+    where
+        T: ?Sized + ToStatement,
+    {
+        self.run(self.object().execute(statement, params)).await
+    }
+
+    /// Several statements in one simple-protocol message (no parameters).
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+        self.run(self.object().batch_execute(sql)).await
+    }
+
+    /// Prepares `sql` once per connection (deadpool's statement cache).
+    pub async fn prepare_cached(&self, sql: &str) -> Result<Statement, Error> {
+        self.run(self.object().prepare_cached(sql)).await
+    }
+
+    /// A transaction; dropped without `commit()`, it rolls back. Errors of its statements are plain
+    /// tokio-postgres errors: [`QuotaExceeded::from_error`] reads a quota error out of them.
+    pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        self.run(async { Ok(()) }).await?;
+        let node = self.node.name.clone();
+        self.object
+            .as_mut()
+            .expect("present until drop")
+            .transaction()
+            .await
+            .map_err(|source| Error::Database { node, source })
+    }
+
+    /// The underlying client, once the attribution has been applied, for what the methods above do not
+    /// cover (COPY, notifications, ...).
+    pub async fn client(&self) -> Result<&deadpool_postgres::ClientWrapper, Error> {
+        self.run(async { Ok(()) }).await?;
+        Ok(self.object())
+    }
+
+    /// Runs the caller's statement, preceded on the wire by the attribution when it is still pending.
+    async fn run<R>(
+        &self,
+        statement: impl Future<Output = Result<R, tokio_postgres::Error>>,
+    ) -> Result<R, Error> {
+        let pending = self.pending_attribution.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(attribute) = pending else {
+            return statement.await.map_err(|error| self.failed(error));
+        };
+        let company: &(dyn ToSql + Sync) = &self.company;
+        let mut attribution = pin!(self.object().execute(&attribute, std::slice::from_ref(&company)));
+        // The first poll queues the attribution on the connection; the caller's statement is queued
+        // after it when the join below first polls it, so PostgreSQL runs them in this order.
+        let first = poll_fn(|context| Poll::Ready(attribution.as_mut().poll(context))).await;
+        let attributed = async {
+            match first {
+                Poll::Ready(outcome) => outcome,
+                Poll::Pending => attribution.await,
+            }
+        };
+        let (attributed, result) = tokio::join!(attributed, statement);
+        if let Err(source) = attributed {
+            self.discard.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(Error::Attribution {
+                node: self.node.name.clone(),
+                company: self.company.clone(),
+                source,
+            });
+        }
+        result.map_err(|error| self.failed(error))
+    }
+
+    /// Types a failed statement's error; a broken connection is discarded and its replica banned.
+    fn failed(&self, source: tokio_postgres::Error) -> Error {
+        if let Some(quota) = QuotaExceeded::from_error(&source) {
+            return Error::Quota(Box::new(quota));
+        }
+        if source.as_db_error().is_none() && self.object().is_closed() {
+            self.discard.store(true, std::sync::atomic::Ordering::Relaxed);
+            if self.node.role == Role::Replica {
+                self.node.ban(self.ban, source.to_string());
+            }
+        }
+        Error::Database { node: self.node.name.clone(), source }
+    }
+}
+
+impl Drop for TenantConnection {
+    fn drop(&mut self) {
+        if let Some(object) = self.object.take()
+            && *self.discard.get_mut()
+        {
+            drop(Object::take(object));
+        }
+    }
+}
