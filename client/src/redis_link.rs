@@ -8,8 +8,9 @@
 //! - `outages()` counts the times the circuit opened, so a caller can tell that Redis came back since it
 //!   last looked and resynchronise (the cache replays invalidations it could not deliver).
 //! - The link connects lazily: a process can start while Redis is down and picks it up when it answers.
-//!   `redis::aio::ConnectionManager` reconnects on its own after a broken connection; its own retry loop
-//!   is turned off because the circuit here already decides when to try again.
+//!   After a failure the `redis::aio::ConnectionManager` is dropped and the next try makes a new one
+//!   (a manager whose reconnection failed keeps returning that failure); its own retry loop is turned
+//!   off because the circuit here already decides when to try again.
 //! - The state lock is a std mutex held only to read or write a few fields, never across an await.
 
 use std::future::Future;
@@ -132,6 +133,8 @@ impl RedisLink {
         let mut state = self.state();
         let was_open = state.open_until.is_some();
         state.open_until = Some(Instant::now() + self.config.retry_after);
+        // A manager whose reconnection failed keeps answering with that failure: start afresh.
+        state.connection = None;
         if !was_open {
             state.outages += 1;
         }

@@ -1,7 +1,7 @@
 //! A pooled connection attributed to one company (or to none).
 //!
 //! How attribution works, and why this way:
-//! - Every checkout sets `tenant_scale.company` with `set_config(..., false)`: to the company, or to ''
+//! - Every checkout sets `tenant_scale.company` with a session-level `SET`: to the company, or to ''
 //!   for an unattributed checkout. Setting it on every checkout, whatever the connection did before,
 //!   is what keeps one user's company from leaking to the next; nothing is left for a recycle step to
 //!   undo (a `RESET` on recycle would cost a round trip per checkout and would fail, leaving the old
@@ -10,6 +10,11 @@
 //!   own: a caller's transaction that fails or rolls back cannot take it back, and the statements after
 //!   the rollback stay attributed. `SET LOCAL` would attribute only the statements inside an explicit
 //!   transaction and nothing in autocommit.
+//! - It is a utility statement sent with the simple protocol, not `SELECT set_config(...)`: it needs no
+//!   prepared statement (no round trip on a connection's first checkout), and statistics that follow
+//!   the executor (as the extension's do) do not count it as a call of the previous company, which
+//!   the value at its start still names. The company is sent as an escaped `E''` literal; a name
+//!   holding a NUL byte cannot be a setting value and is refused.
 //! - It costs no round trip of its own: it is queued together with the caller's first statement
 //!   (tokio-postgres writes both in one go, and PostgreSQL answers them in order), and both results are
 //!   awaited together. If the setting fails, the caller gets `Error::Attribution` and the connection is
@@ -31,7 +36,10 @@ use tokio_postgres::{Row, Statement, ToStatement};
 use super::error::{Error, QuotaExceeded};
 use super::node::{Node, Role};
 
-pub(crate) const ATTRIBUTE: &str = "SELECT pg_catalog.set_config('tenant_scale.company', $1, false)";
+/// The statement that attributes a session to `company`.
+fn attribution_sql(company: &str) -> String {
+    format!("SET tenant_scale.company = E'{}'", company.replace('\\', "\\\\").replace('\'', "\\'"))
+}
 
 /// A connection checked out of a `TenantPool`; it goes back to the pool when dropped.
 ///
@@ -40,34 +48,29 @@ pub struct TenantConnection {
     object: Option<Object>,
     node: Arc<Node>,
     company: String,
-    /// The prepared `set_config`, until it has been sent.
-    pending_attribution: Mutex<Option<Statement>>,
+    /// The attribution statement, until it has been sent.
+    pending_attribution: Mutex<Option<String>>,
     /// Set when the connection must not go back to the pool.
     discard: std::sync::atomic::AtomicBool,
     ban: std::time::Duration,
 }
 
 impl TenantConnection {
-    pub(crate) async fn attach(
+    pub(crate) fn attach(
         object: Object,
         node: Arc<Node>,
         company: Option<&str>,
         ban: std::time::Duration,
     ) -> Result<TenantConnection, Error> {
-        // Cached per connection: a round trip only on a connection's first checkout.
-        let statement = match object.prepare_cached(ATTRIBUTE).await {
-            Ok(statement) => statement,
-            Err(source) => {
-                // The connection is unusable; do not return it to the pool.
-                drop(Object::take(object));
-                return Err(Error::Database { node: node.name.clone(), source });
-            }
-        };
+        let company = company.unwrap_or_default();
+        if company.contains('\0') {
+            return Err(Error::InvalidCompany { company: company.to_string() });
+        }
         Ok(TenantConnection {
             object: Some(object),
             node,
-            company: company.unwrap_or_default().to_string(),
-            pending_attribution: Mutex::new(Some(statement)),
+            company: company.to_string(),
+            pending_attribution: Mutex::new(Some(attribution_sql(company))),
             discard: false.into(),
             ban,
         })
@@ -158,8 +161,7 @@ impl TenantConnection {
         let Some(attribute) = pending else {
             return statement.await.map_err(|error| self.failed(error));
         };
-        let company: &(dyn ToSql + Sync) = &self.company;
-        let mut attribution = pin!(self.object().execute(&attribute, std::slice::from_ref(&company)));
+        let mut attribution = pin!(self.object().batch_execute(&attribute));
         // The first poll queues the attribution on the connection; the caller's statement is queued
         // after it when the join below first polls it, so PostgreSQL runs them in this order.
         let first = poll_fn(|context| Poll::Ready(attribution.as_mut().poll(context))).await;
@@ -183,7 +185,10 @@ impl TenantConnection {
 
     /// Types a failed statement's error; a broken connection is discarded and its replica banned.
     fn failed(&self, source: tokio_postgres::Error) -> Error {
-        if let Some(quota) = QuotaExceeded::from_error(&source) {
+        if let Some(mut quota) = QuotaExceeded::from_error(&source) {
+            if quota.company.is_empty() {
+                quota.company = self.company.clone();
+            }
             return Error::Quota(Box::new(quota));
         }
         if source.as_db_error().is_none() && self.object().is_closed() {
@@ -203,5 +208,17 @@ impl Drop for TenantConnection {
         {
             drop(Object::take(object));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attribution_sql;
+
+    #[test]
+    fn company_names_are_escaped_inside_the_literal() {
+        assert_eq!(attribution_sql("acme"), "SET tenant_scale.company = E'acme'");
+        assert_eq!(attribution_sql(""), "SET tenant_scale.company = E''");
+        assert_eq!(attribution_sql(r"o'brien\x"), r"SET tenant_scale.company = E'o\'brien\\x'");
     }
 }

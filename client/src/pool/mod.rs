@@ -120,7 +120,7 @@ impl TenantPool {
                 return Err(Error::Checkout { node: node.name.clone(), source });
             }
         };
-        TenantConnection::attach(object, node.clone(), company, self.inner.config.replica_ban).await
+        TenantConnection::attach(object, node.clone(), company, self.inner.config.replica_ban)
     }
 
     /// Checks every node now and reports each: up, role, lag, pool size, in use and waiting.

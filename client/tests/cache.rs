@@ -1,0 +1,181 @@
+//! The cache against a real Redis: hits, misses, invalidation, single flight, and outages.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tenant_scale_client::RedisConfig;
+use tenant_scale_client::cache::{Cache, CacheConfig};
+use tenant_scale_harness::Redis;
+
+fn cache(redis: &Redis) -> Cache {
+    let mut redis_config = RedisConfig::new(&redis.url());
+    redis_config.retry_after = Duration::from_millis(300);
+    Cache::new(CacheConfig::new(redis_config)).unwrap()
+}
+
+/// Reads `key` with a loader that counts its runs and returns `value`.
+async fn read(
+    cache: &Cache,
+    company: &str,
+    namespace: &str,
+    key: &str,
+    value: u32,
+    loads: &AtomicUsize,
+) -> u32 {
+    cache
+        .get_or_set(company, namespace, key, None, || async {
+            loads.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::convert::Infallible>(value)
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn second_read_hits_and_keys_are_scoped_by_company_and_namespace() {
+    let redis = Redis::start().unwrap();
+    let cache = cache(&redis);
+    let loads = AtomicUsize::new(0);
+    assert_eq!(read(&cache, "acme", "patients", "1", 10, &loads).await, 10);
+    assert_eq!(read(&cache, "acme", "patients", "1", 99, &loads).await, 10, "served from Redis");
+    assert_eq!(read(&cache, "globex", "patients", "1", 20, &loads).await, 20, "another company's key");
+    assert_eq!(read(&cache, "acme", "orders", "1", 30, &loads).await, 30, "another namespace's key");
+    assert_eq!(loads.load(Ordering::SeqCst), 3);
+
+    let stats = cache.stats();
+    assert_eq!((stats.total.hits, stats.total.misses, stats.total.errors), (1, 3, 0));
+    assert_eq!((stats.companies["acme"].hits, stats.companies["acme"].misses), (1, 2));
+    assert!((stats.companies["acme"].hit_rate() - 1.0 / 3.0).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn values_expire_with_their_ttl() {
+    let redis = Redis::start().unwrap();
+    let cache = cache(&redis);
+    let ttl = Some(Duration::from_millis(200));
+    let load = |value: u32| move || async move { Ok::<_, std::convert::Infallible>(value) };
+    assert_eq!(cache.get_or_set("acme", "n", "k", ttl, load(1)).await.unwrap(), 1);
+    assert_eq!(cache.get_or_set("acme", "n", "k", ttl, load(2)).await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(cache.get_or_set("acme", "n", "k", ttl, load(3)).await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn invalidating_a_namespace_or_company_forgets_exactly_its_values() {
+    let redis = Redis::start().unwrap();
+    let (cache, other_process) = (cache(&redis), cache(&redis));
+    let loads = AtomicUsize::new(0);
+    for (company, namespace) in [("acme", "patients"), ("acme", "orders"), ("globex", "patients")] {
+        read(&cache, company, namespace, "1", 1, &loads).await;
+    }
+    other_process.invalidate_namespace("acme", "patients").await;
+    assert_eq!(read(&cache, "acme", "patients", "1", 2, &loads).await, 2, "reloaded");
+    assert_eq!(read(&cache, "acme", "orders", "1", 2, &loads).await, 1, "other namespace kept");
+
+    other_process.invalidate_company("acme").await;
+    assert_eq!(read(&cache, "acme", "patients", "1", 3, &loads).await, 3);
+    assert_eq!(read(&cache, "acme", "orders", "1", 3, &loads).await, 3);
+    assert_eq!(read(&cache, "globex", "patients", "1", 3, &loads).await, 1, "other company kept");
+
+    // O(1): an invalidation wrote one generation key, nothing was scanned or deleted.
+    let mut connection = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("ts:gen:*").query(&mut connection).unwrap();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_of_one_key_run_the_loader_once() {
+    let redis = Redis::start().unwrap();
+    let cache = Arc::new(cache(&redis));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (cache, loads) = (cache.clone(), loads.clone());
+        readers.spawn(async move {
+            cache
+                .get_or_set("acme", "reports", "slow", None, || async {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, std::convert::Infallible>("report".to_string())
+                })
+                .await
+                .unwrap()
+        });
+    }
+    let values = readers.join_all().await;
+    assert!(values.iter().all(|value| value == "report"));
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn loader_errors_reach_the_caller_and_nothing_is_stored() {
+    let redis = Redis::start().unwrap();
+    let cache = cache(&redis);
+    let failed: Result<u32, &str> =
+        cache.get_or_set("acme", "n", "k", None, || async { Err("database down") }).await;
+    assert_eq!(failed, Err("database down"));
+    let loaded: Result<u32, &str> = cache.get_or_set("acme", "n", "k", None, || async { Ok(7) }).await;
+    assert_eq!(loaded, Ok(7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_run_fails_no_call_and_redis_is_used_again_when_back() {
+    let mut redis = Redis::start().unwrap();
+    let cache = cache(&redis);
+    let loads = AtomicUsize::new(0);
+    let mut failed = 0;
+    for round in 0..300u32 {
+        if round == 100 {
+            redis.stop();
+        }
+        if round == 200 {
+            redis.resume().unwrap();
+            // Past the circuit's retry window: the next call tries Redis again.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        let key = (round % 10).to_string();
+        let result = cache
+            .get_or_set("acme", "items", &key, None, || async {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::convert::Infallible>(round % 10)
+            })
+            .await;
+        failed += usize::from(result.map_or(true, |value| value != round % 10));
+        if round == 150 {
+            // Invalidated while Redis is down: delivered when it is back.
+            cache.invalidate_company("acme").await;
+        }
+    }
+    assert_eq!(failed, 0);
+    let stats = cache.stats().total;
+    assert!(stats.fallback_uses >= 100, "{stats:?}");
+    assert!(stats.errors >= 1, "{stats:?}");
+    assert!(cache.health().redis.up, "{:?}", cache.health());
+    // 10 loads before the outage, 10 into the fallback, 10 after the invalidation, 10 after the
+    // return to Redis (it came back empty).
+    assert_eq!(loads.load(Ordering::SeqCst), 40);
+
+    let mut connection = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let generation: Option<String> = redis::cmd("GET").arg("ts:gen:4:acme").query(&mut connection).unwrap();
+    assert_eq!(generation.as_deref(), Some("1"), "the invalidation made during the outage was replayed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_redis_is_bypassed_within_the_timeout() {
+    let redis = Redis::start().unwrap();
+    let cache = cache(&redis);
+    let loads = AtomicUsize::new(0);
+    read(&cache, "acme", "n", "k", 1, &loads).await;
+    let mut admin = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("CLIENT").arg("PAUSE").arg(2_000).arg("ALL").exec(&mut admin).unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        read(&cache, "acme", "n", "k", 2, &loads).await,
+        2,
+        "served by the loader through the fallback"
+    );
+    assert!(started.elapsed() < Duration::from_millis(1_000), "{:?}", started.elapsed());
+    assert!(!cache.health().redis.up);
+    redis::cmd("CLIENT").arg("UNPAUSE").exec(&mut admin).unwrap();
+}
