@@ -195,13 +195,16 @@ impl Node {
         if !self.state().up {
             return;
         }
-        let missing = self.min.saturating_sub(self.pool.status().size);
+        if self.pool.status().size >= self.min {
+            return;
+        }
         let mut opening = tokio::task::JoinSet::new();
-        for _ in 0..missing {
+        for _ in 0..self.min {
             let pool = self.pool.clone();
             opening.spawn(async move { pool.get().await });
         }
-        // Held together, so that each get opens a new connection instead of reusing the last one.
+        // Held together, so that the pool ends up with `min` connections: the idle ones are taken first
+        // and the rest are opened.
         let opened = opening.join_all().await;
         drop(opened);
     }

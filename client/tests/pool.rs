@@ -1,0 +1,153 @@
+//! The tenant pool against real PostgreSQL clusters with the extension, and a real streaming standby.
+
+use std::time::{Duration, Instant};
+
+use tenant_scale_client::pool::{Error, PoolConfig, Role, TenantPool};
+use tenant_scale_harness::{Cluster, StopMode};
+
+const CHECK_INTERVAL: Duration = Duration::from_millis(200);
+
+fn config(primary: &Cluster, replicas: &[&Cluster]) -> PoolConfig {
+    let mut config = PoolConfig::new(&primary.url()).unwrap();
+    config.replica_urls = replicas.iter().map(|replica| replica.url()).collect();
+    (config.primary_max, config.primary_min, config.replica_max, config.replica_min) = (4, 1, 4, 1);
+    config.wait_timeout = Duration::from_millis(300);
+    config.replica_check_interval = CHECK_INTERVAL;
+    config.replica_ban = Duration::from_millis(500);
+    config
+}
+
+/// Client backends connected to `cluster`, other than psql's own.
+fn backends(cluster: &Cluster) -> Vec<String> {
+    let pids = cluster
+        .psql(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND pid <> pg_backend_pid() ORDER BY backend_start",
+        )
+        .unwrap();
+    pids.lines().map(str::to_string).collect()
+}
+
+/// Polls `done` every 20 ms for up to 5 s.
+async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_waits_for_checked_out_connections_until_its_deadline() {
+    let primary = Cluster::builder().start().unwrap();
+    let pool = TenantPool::connect(config(&primary, &[])).await.unwrap();
+    let held = pool.write(Some("acme")).await.unwrap();
+
+    let started = Instant::now();
+    let outcome = pool.close(Duration::from_millis(300)).await;
+    assert!(matches!(outcome, Err(Error::CloseTimeout { in_use: 1 })), "{outcome:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(matches!(pool.write(Some("acme")).await, Err(Error::Closed)), "no checkout once closing");
+    assert!(matches!(pool.read(None).await, Err(Error::Closed)));
+
+    let pool = TenantPool::connect(config(&primary, &[])).await.unwrap();
+    let held_too = pool.write(None).await.unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(held_too);
+    });
+    let started = Instant::now();
+    pool.close(Duration::from_secs(5)).await.unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(150) && waited < Duration::from_secs(2), "{waited:?}");
+    release.await.unwrap();
+    drop(held);
+    assert!(eventually(|| backends(&primary).is_empty()).await, "closing closed every connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_keeps_its_minimum_open_and_closes_idle_connections_above_it() {
+    let primary = Cluster::builder().start().unwrap();
+    let mut config = config(&primary, &[]);
+    config.primary_min = 2;
+    config.idle_timeout = Duration::from_millis(300);
+    let pool = TenantPool::connect(config).await.unwrap();
+    assert_eq!(backends(&primary).len(), 2, "the minimum is opened at start");
+
+    let held: Vec<_> = futures_of(&pool, 4).await;
+    assert_eq!(pool.health().await[0].in_use, 4);
+    drop(held);
+    assert!(eventually(|| backends(&primary).len() == 2).await, "idle connections above the minimum closed");
+    let health = pool.health().await;
+    assert_eq!((health[0].size, health[0].in_use, health[0].max_size), (2, 0, 4));
+}
+
+async fn futures_of(pool: &TenantPool, n: usize) -> Vec<tenant_scale_client::pool::TenantConnection> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(pool.write(None).await.unwrap());
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_pool_fails_after_the_wait_timeout_naming_the_node() {
+    let primary = Cluster::builder().start().unwrap();
+    let mut config = config(&primary, &[]);
+    config.primary_max = 1;
+    let pool = TenantPool::connect(config).await.unwrap();
+    let _held = pool.write(None).await.unwrap();
+    let started = Instant::now();
+    let error = pool.write(None).await.err().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(matches!(error, Error::Checkout { .. }), "{error:?}");
+    assert!(error.to_string().contains(&format!("127.0.0.1:{}/postgres", primary.port())), "{error}");
+    assert_eq!(pool.health().await[0].waiting, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_replaced_after_its_share_of_checkouts() {
+    let primary = Cluster::builder().start().unwrap();
+    let mut config = config(&primary, &[]);
+    (config.primary_max, config.primary_min, config.recycle_after_uses) = (1, 1, 3);
+    // Background checks use connections too; keep them out of the count.
+    config.replica_check_interval = Duration::from_secs(3600);
+    let pool = TenantPool::connect(config).await.unwrap();
+    let first = backends(&primary);
+    assert_eq!(first.len(), 1);
+    for _ in 0..2 {
+        drop(pool.write(None).await.unwrap());
+    }
+    assert_eq!(backends(&primary), first, "three uses: the start-up check's and two checkouts");
+    drop(pool.write(None).await.unwrap());
+    let replaced = backends(&primary);
+    assert_eq!(replaced.len(), 1);
+    assert_ne!(replaced, first, "the fourth use got a new connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_and_reads_without_replicas_go_to_the_primary_and_health_says_so() {
+    let primary = Cluster::builder().start().unwrap();
+    let pool = TenantPool::connect(config(&primary, &[])).await.unwrap();
+    assert_eq!(pool.write(Some("acme")).await.unwrap().server().1, Role::Primary);
+    assert_eq!(pool.read(Some("acme")).await.unwrap().server().1, Role::Primary);
+    let health = pool.health().await;
+    assert_eq!(health.len(), 1);
+    assert_eq!((health[0].role, health[0].up, health[0].serves_reads), (Role::Primary, true, false));
+    assert_eq!(health[0].name, format!("127.0.0.1:{}/postgres", primary.port()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_a_stopped_primary_down() {
+    let mut primary = Cluster::builder().start().unwrap();
+    let pool = TenantPool::connect(config(&primary, &[])).await.unwrap();
+    primary.stop(StopMode::Fast).unwrap();
+    let health = pool.health().await;
+    assert!(!health[0].up);
+    assert!(health[0].last_error.is_some());
+    primary.start().unwrap();
+    assert!(pool.health().await[0].up);
+}
