@@ -2,8 +2,8 @@
 //! SQL: the extension builds the query, checks the cursor's fingerprint and returns JSON; this module
 //! binds the arguments and deserialises the rows into `T`.
 
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::pool::{Error, TenantConnection};
 
@@ -11,7 +11,7 @@ const KEYSET_PAGE: &str =
     "SELECT tenant_scale.keyset_page($1::text::regclass, $2::text[], $3::int4, $4::text, $5::jsonb)";
 
 /// One page of rows and the cursors around it.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Page<T> {
     pub data: Vec<T>,

@@ -127,9 +127,10 @@ impl TenantConnection {
         self.run(self.object().batch_execute(sql)).await
     }
 
-    /// Prepares `sql` once per connection (deadpool's statement cache).
+    /// Prepares `sql` once per connection (deadpool's statement cache). Preparing runs nothing, so it
+    /// does not wait for the attribution: that still goes out with the first statement executed.
     pub async fn prepare_cached(&self, sql: &str) -> Result<Statement, Error> {
-        self.run(self.object().prepare_cached(sql)).await
+        self.object().prepare_cached(sql).await.map_err(|error| self.failed(error))
     }
 
     /// A transaction; dropped without `commit()`, it rolls back. Errors of its statements are plain
