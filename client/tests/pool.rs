@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use tenant_scale_client::pool::{Error, PoolConfig, Role, TenantPool};
+use tenant_scale_client::pool::{Error, MONITOR_APPLICATION, PoolConfig, Role, TenantPool};
 use tenant_scale_harness::{Cluster, StopMode};
 
 const CHECK_INTERVAL: Duration = Duration::from_millis(200);
@@ -17,13 +17,13 @@ fn config(primary: &Cluster, replicas: &[&Cluster]) -> PoolConfig {
     config
 }
 
-/// Client backends connected to `cluster`, other than psql's own.
+/// Pooled connections to `cluster`: client backends other than psql's and the pool's monitor.
 fn backends(cluster: &Cluster) -> Vec<String> {
     let pids = cluster
-        .psql(
+        .psql(&format!(
             "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
-             AND pid <> pg_backend_pid() ORDER BY backend_start",
-        )
+             AND pid <> pg_backend_pid() AND application_name <> '{MONITOR_APPLICATION}' ORDER BY backend_start"
+        ))
         .unwrap();
     pids.lines().map(str::to_string).collect()
 }
@@ -66,6 +66,9 @@ async fn close_waits_for_checked_out_connections_until_its_deadline() {
     release.await.unwrap();
     drop(held);
     assert!(eventually(|| backends(&primary).is_empty()).await, "closing closed every connection");
+    let monitors =
+        primary.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'tenant-scale%'");
+    assert_eq!(monitors.unwrap(), "0", "and the checks' own connections");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,15 +116,13 @@ async fn a_connection_is_replaced_after_its_share_of_checkouts() {
     let primary = Cluster::builder().start().unwrap();
     let mut config = config(&primary, &[]);
     (config.primary_max, config.primary_min, config.recycle_after_uses) = (1, 1, 3);
-    // Background checks use connections too; keep them out of the count.
-    config.replica_check_interval = Duration::from_secs(3600);
     let pool = TenantPool::connect(config).await.unwrap();
     let first = backends(&primary);
     assert_eq!(first.len(), 1);
     for _ in 0..2 {
         drop(pool.write(None).await.unwrap());
     }
-    assert_eq!(backends(&primary), first, "three uses: the start-up check's and two checkouts");
+    assert_eq!(backends(&primary), first, "three uses: the one that opened it at start and two checkouts");
     drop(pool.write(None).await.unwrap());
     let replaced = backends(&primary);
     assert_eq!(replaced.len(), 1);

@@ -27,7 +27,7 @@ pub use config::{ConfigError, PoolConfig};
 pub use connection::TenantConnection;
 pub use error::{Error, QuotaExceeded};
 use node::Node;
-pub use node::{NodeHealth, Role};
+pub use node::{MONITOR_APPLICATION, NodeHealth, Role};
 
 struct Inner {
     config: PoolConfig,
@@ -148,6 +148,7 @@ impl TenantPool {
         let still_in_use = in_use();
         for node in self.inner.nodes() {
             node.pool.close();
+            node.close_monitor().await;
         }
         match waited {
             Ok(()) => Ok(()),

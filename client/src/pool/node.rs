@@ -5,7 +5,11 @@
 //!   paused, `healthy` and lag under the maximum, all from `tenant_scale.replica_status()`) and it is
 //!   not banned. A failed checkout or a broken connection bans it for `replica_ban`; checks go on
 //!   meanwhile, and it is used again once the ban is over and a check passed.
-//! - The state mutex is a std mutex, held to read or write the fields, never across an await.
+//! - Checks run on a connection of their own (application_name `tenant-scale-client monitor`), never on
+//!   a pooled one: a pooled connection still carries its last user's `tenant_scale.company`, and the
+//!   checks must not count as that company's statements. It is reopened when it breaks.
+//! - The state mutex is a std mutex, held to read or write the fields, never across an await. The
+//!   monitor connection is behind a tokio mutex, since a check holds it across its query.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -26,6 +30,8 @@ pub enum Role {
 const REPLICA_CHECK: &str = "SELECT is_replica, coalesce(lag_seconds, 0)::float8, coalesce(replay_paused, false), \
                              coalesce(healthy, false) FROM tenant_scale.replica_status()";
 const PRIMARY_CHECK: &str = "SELECT pg_catalog.pg_is_in_recovery()";
+/// application_name of the checks' own connection.
+pub const MONITOR_APPLICATION: &str = "tenant-scale-client monitor";
 
 #[derive(Debug, Default)]
 struct NodeState {
@@ -51,6 +57,8 @@ pub(crate) struct Node {
     pub(crate) pool: Pool,
     min: usize,
     state: Mutex<NodeState>,
+    monitor_config: tokio_postgres::Config,
+    monitor: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
 /// One node as `TenantPool::health()` reports it.
@@ -85,6 +93,8 @@ impl Node {
             url.parse().map_err(|error: tokio_postgres::Error| invalid(error.to_string()))?;
         pg.connect_timeout(config.connect_timeout);
         let name = node_name(&pg);
+        let mut monitor_config = pg.clone();
+        monitor_config.application_name(MONITOR_APPLICATION);
         let (max, min) = match role {
             Role::Primary => (config.primary_max, config.primary_min),
             Role::Replica => (config.replica_max, config.replica_min),
@@ -108,7 +118,15 @@ impl Node {
             .build()
             .map_err(|error| invalid(error.to_string()))?;
         let state = NodeState { up: role == Role::Primary, ..NodeState::default() };
-        Ok(Node { name, role, pool, min, state: Mutex::new(state) })
+        Ok(Node {
+            name,
+            role,
+            pool,
+            min,
+            state: Mutex::new(state),
+            monitor_config,
+            monitor: tokio::sync::Mutex::default(),
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, NodeState> {
@@ -130,8 +148,15 @@ impl Node {
 
     /// Asks the server how it is, within `timeout`, and records the answer.
     pub(crate) async fn check(&self, max_lag: Duration, timeout: Duration) {
+        let mut monitor = self.monitor.lock().await;
         let outcome = tokio::time::timeout(timeout, async {
-            let client = self.pool.get().await.map_err(|error| error.to_string())?;
+            if monitor.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+                let (client, connection) =
+                    self.monitor_config.connect(NoTls).await.map_err(|error| error.to_string())?;
+                tokio::spawn(connection);
+                *monitor = Some(client);
+            }
+            let client = monitor.as_ref().expect("connected above");
             match self.role {
                 Role::Primary => {
                     let row =
@@ -140,9 +165,8 @@ impl Node {
                     Ok((!in_recovery, None, if in_recovery { Some("in recovery".to_string()) } else { None }))
                 }
                 Role::Replica => {
-                    let statement =
-                        client.prepare_cached(REPLICA_CHECK).await.map_err(|error| error.to_string())?;
-                    let row = client.query_one(&statement, &[]).await.map_err(|error| error.to_string())?;
+                    let row =
+                        client.query_one(REPLICA_CHECK, &[]).await.map_err(|error| error.to_string())?;
                     let (is_replica, lag, paused, healthy): (bool, f64, bool, bool) =
                         (row.get(0), row.get(1), row.get(2), row.get(3));
                     let lag = Duration::from_secs_f64(lag.max(0.0));
@@ -163,6 +187,11 @@ impl Node {
         })
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+        if outcome.is_err() {
+            // Whatever broke, the next check starts on a fresh connection.
+            *monitor = None;
+        }
+        drop(monitor);
         let mut state = self.state();
         match outcome {
             Ok((fit, lag, problem)) => {
@@ -179,6 +208,11 @@ impl Node {
                 state.last_error = Some(error);
             }
         }
+    }
+
+    /// Closes the checks' own connection (at shutdown).
+    pub(crate) async fn close_monitor(&self) {
+        self.monitor.lock().await.take();
     }
 
     /// Closes idle connections unused for `idle_timeout` above the minimum, and opens connections up
