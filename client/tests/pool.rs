@@ -152,3 +152,169 @@ async fn health_reports_a_stopped_primary_down() {
     primary.start().unwrap();
     assert!(pool.health().await[0].up);
 }
+
+/// `SHOW tenant_scale.company` and the backend's pid, through the pool's own connection.
+async fn company_and_pid(connection: &tenant_scale_client::pool::TenantConnection) -> (String, i32) {
+    let row = connection
+        .query_one("SELECT current_setting('tenant_scale.company'), pg_backend_pid()", &[])
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+fn single_connection(primary: &Cluster) -> PoolConfig {
+    let mut config = config(primary, &[]);
+    (config.primary_max, config.primary_min) = (1, 1);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "waits for issue 4 on main: the setting tenant_scale.company"]
+async fn attribution_never_leaks_to_the_next_user_of_a_connection() {
+    let primary = Cluster::builder().start().unwrap();
+    let pool = TenantPool::connect(single_connection(&primary)).await.unwrap();
+    let (company, pid) = company_and_pid(&pool.write(Some("acme")).await.unwrap()).await;
+    assert_eq!(company, "acme");
+    // A caller that sets the company itself, in autocommit, does not decide the next user's either.
+    pool.write(Some("acme"))
+        .await
+        .unwrap()
+        .batch_execute("SET tenant_scale.company = 'mallory'")
+        .await
+        .unwrap();
+    assert_eq!(
+        company_and_pid(&pool.write(Some("globex")).await.unwrap()).await,
+        ("globex".to_string(), pid)
+    );
+    assert_eq!(
+        company_and_pid(&pool.write(None).await.unwrap()).await,
+        (String::new(), pid),
+        "none means none"
+    );
+    assert_eq!(company_and_pid(&pool.read(Some("o'brien \\ co")).await.unwrap()).await.0, "o'brien \\ co");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "waits for issue 4 on main: the setting tenant_scale.company"]
+async fn a_failed_transaction_keeps_its_company_and_leaks_nothing() {
+    let primary = Cluster::builder().start().unwrap();
+    let pool = TenantPool::connect(single_connection(&primary)).await.unwrap();
+    let mut connection = pool.write(Some("acme")).await.unwrap();
+    {
+        let transaction = connection.transaction().await.unwrap();
+        transaction.batch_execute("SET tenant_scale.company = 'mallory'").await.unwrap();
+        assert!(transaction.execute("SELECT 1 / 0", &[]).await.is_err());
+        // Dropped unfinished: rolled back, which also undoes the caller's SET.
+    }
+    assert_eq!(company_and_pid(&connection).await.0, "acme", "statements after the rollback stay attributed");
+    {
+        // Left unfinished when the connection goes back: tokio-postgres queues the ROLLBACK, which
+        // runs before the next user's attribution.
+        let transaction = connection.transaction().await.unwrap();
+        transaction.batch_execute("SET tenant_scale.company = 'mallory'").await.unwrap();
+    }
+    drop(connection);
+    assert_eq!(company_and_pid(&pool.write(Some("globex")).await.unwrap()).await.0, "globex");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "waits for issue 4 on main: tenant_scale.company and the view tenant_scale.company_stats"]
+async fn statements_are_counted_for_their_company_in_company_stats() {
+    let primary = Cluster::builder().start().unwrap();
+    let pool = TenantPool::connect(config(&primary, &[])).await.unwrap();
+    for (company, statements) in [(Some("acme"), 5), (Some("globex"), 3), (None, 2)] {
+        for _ in 0..statements {
+            pool.write(company).await.unwrap().query_one("SELECT 1", &[]).await.unwrap();
+        }
+    }
+    let stats = primary
+        .psql("SELECT company_id, calls FROM tenant_scale.company_stats WHERE company_id IN ('acme', 'globex') ORDER BY 1")
+        .unwrap();
+    assert_eq!(
+        stats, "acme|5\nglobex|3",
+        "exactly the callers' statements, the attribution itself not counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "waits for issue 5 on main: tenant_scale.replica_status() (and issue 4: tenant_scale.company)"]
+async fn reads_move_from_a_stopped_standby_to_the_primary_and_back() {
+    let primary = Cluster::builder().start().unwrap();
+    let mut standby = primary.start_standby().unwrap();
+    let pool = TenantPool::connect(config(&primary, &[&standby])).await.unwrap();
+    let on_standby = pool.read(Some("acme")).await.unwrap();
+    assert_eq!(on_standby.server().1, Role::Replica);
+    let in_recovery: bool = on_standby.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0);
+    assert!(in_recovery);
+    drop(on_standby);
+
+    standby.stop(StopMode::Fast).unwrap();
+    for _ in 0..5 {
+        let connection = pool.read(Some("acme")).await.unwrap();
+        let in_recovery: bool = connection.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0);
+        assert!(!in_recovery, "served by the primary, without a failed call");
+    }
+    tokio::time::sleep(CHECK_INTERVAL * 2).await;
+    let replica = pool.health().await.into_iter().find(|node| node.role == Role::Replica).unwrap();
+    assert!(!replica.up && !replica.serves_reads, "{replica:?}");
+
+    standby.start().unwrap();
+    let mut back = false;
+    for _ in 0..50 {
+        if pool.read(Some("acme")).await.unwrap().server().1 == Role::Replica {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "reads return to the standby once it is checked and its ban is over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "waits for issue 5 on main: tenant_scale.replica_status() (and issue 4: tenant_scale.company)"]
+async fn paused_replay_moves_reads_to_the_primary_within_one_check_interval() {
+    let primary = Cluster::builder().start().unwrap();
+    let standby = primary.start_standby().unwrap();
+    let pool = TenantPool::connect(config(&primary, &[&standby])).await.unwrap();
+    assert_eq!(pool.read(None).await.unwrap().server().1, Role::Replica);
+
+    standby.psql("SELECT pg_wal_replay_pause()").unwrap();
+    primary.psql("CREATE TABLE written_while_paused AS SELECT 1 AS id").unwrap();
+    tokio::time::sleep(CHECK_INTERVAL + CHECK_INTERVAL / 2).await;
+    assert_eq!(pool.read(None).await.unwrap().server().1, Role::Primary);
+    let replica = pool.health().await.into_iter().find(|node| node.role == Role::Replica).unwrap();
+    assert!(replica.up && !replica.serves_reads, "{replica:?}");
+
+    standby.psql("SELECT pg_wal_replay_resume()").unwrap();
+    tokio::time::sleep(CHECK_INTERVAL + CHECK_INTERVAL / 2).await;
+    assert_eq!(pool.read(None).await.unwrap().server().1, Role::Replica);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "waits for issue 3 on main: quotas (and issue 4: tenant_scale.company)"]
+async fn insert_over_the_plan_limit_is_a_typed_quota_error_with_the_upgrade() {
+    let primary = Cluster::builder().start().unwrap();
+    primary
+        .psql(
+            "CREATE TABLE patients (id serial PRIMARY KEY, company_id text NOT NULL); \
+             CREATE INDEX ON patients (company_id); \
+             SELECT tenant_scale.set_plan_limit('free', 'patients', 2); \
+             SELECT tenant_scale.set_plan_limit('basic', 'patients', 10); \
+             SELECT tenant_scale.enforce_quota('patients', 'patients', 'company_id')",
+        )
+        .unwrap();
+    let pool = TenantPool::connect(config(&primary, &[])).await.unwrap();
+    let connection = pool.write(Some("acme")).await.unwrap();
+    let insert = "INSERT INTO patients (company_id) VALUES ($1)";
+    for _ in 0..2 {
+        connection.execute(insert, &[&"acme"]).await.unwrap();
+    }
+    let error = connection.execute(insert, &[&"acme"]).await.unwrap_err();
+    let quota = error.quota().unwrap_or_else(|| panic!("not a quota error: {error:?}"));
+    assert_eq!(
+        (quota.company.as_str(), quota.resource.as_str(), quota.plan.as_str(), quota.limit),
+        ("acme", "patients", "free", Some(2))
+    );
+    assert_eq!((quota.used, quota.requested), (Some(2), Some(1)));
+    assert_eq!((quota.upgrade_plan.as_deref(), quota.upgrade_limit), (Some("basic"), Some(10)));
+}
