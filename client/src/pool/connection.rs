@@ -13,12 +13,14 @@
 //! - It is a utility statement sent with the simple protocol, not `SELECT set_config(...)`: it needs no
 //!   prepared statement (no round trip on a connection's first checkout), and statistics that follow
 //!   the executor (as the extension's do) do not count it as a call of the previous company, which
-//!   the value at its start still names. The company is sent as an escaped `E''` literal; a name
-//!   holding a NUL byte cannot be a setting value and is refused.
+//!   the value at its start still names. The company is sent as an escaped `E''` literal; a name the
+//!   setting cannot hold (a NUL byte, more than 63 bytes) is refused before anything is sent.
 //! - It costs no round trip of its own: it is queued together with the caller's first statement
 //!   (tokio-postgres writes both in one go, and PostgreSQL answers them in order), and both results are
-//!   awaited together. If the setting fails, the caller gets `Error::Attribution` and the connection is
-//!   discarded instead of going back to the pool.
+//!   awaited together. The setting can then only fail when the statement behind it fails too (an
+//!   aborted transaction, a lost connection) or when the server has no such setting (nothing could be
+//!   attributed before either); the caller gets `Error::Attribution` and the connection is discarded
+//!   instead of going back to the pool.
 //! - A `Transaction` from `transaction()` rolls back when dropped unfinished (tokio-postgres queues the
 //!   ROLLBACK), so it is over before the next checkout's setting runs. Statements that open a transaction
 //!   by hand (`BEGIN` through `batch_execute`) and return the connection without ending it are a caller
@@ -35,6 +37,21 @@ use tokio_postgres::{Row, Statement, ToStatement};
 
 use super::error::{Error, QuotaExceeded};
 use super::node::{Node, Role};
+
+/// The longest company name the setting takes (NAMEDATALEN - 1 bytes, as the extension checks).
+const MAX_COMPANY_BYTES: usize = 63;
+
+/// Why the server would refuse `company` as the setting's value. Refused here, before anything is sent:
+/// a refused attribution would leave the previous value in place for a statement already queued.
+fn unattributable(company: &str) -> Option<&'static str> {
+    if company.contains('\0') {
+        Some("it contains a NUL byte")
+    } else if company.len() > MAX_COMPANY_BYTES {
+        Some("it is longer than 63 bytes")
+    } else {
+        None
+    }
+}
 
 /// The statement that attributes a session to `company`.
 fn attribution_sql(company: &str) -> String {
@@ -63,8 +80,8 @@ impl TenantConnection {
         ban: std::time::Duration,
     ) -> Result<TenantConnection, Error> {
         let company = company.unwrap_or_default();
-        if company.contains('\0') {
-            return Err(Error::InvalidCompany { company: company.to_string() });
+        if let Some(reason) = unattributable(company) {
+            return Err(Error::InvalidCompany { company: company.to_string(), reason });
         }
         Ok(TenantConnection {
             object: Some(object),
@@ -214,12 +231,19 @@ impl Drop for TenantConnection {
 
 #[cfg(test)]
 mod tests {
-    use super::attribution_sql;
+    use super::{attribution_sql, unattributable};
 
     #[test]
     fn company_names_are_escaped_inside_the_literal() {
         assert_eq!(attribution_sql("acme"), "SET tenant_scale.company = E'acme'");
         assert_eq!(attribution_sql(""), "SET tenant_scale.company = E''");
         assert_eq!(attribution_sql(r"o'brien\x"), r"SET tenant_scale.company = E'o\'brien\\x'");
+    }
+
+    #[test]
+    fn names_the_setting_cannot_hold_are_refused_before_sending() {
+        assert_eq!(unattributable(&"a".repeat(63)), None);
+        assert_eq!(unattributable(&"a".repeat(64)), Some("it is longer than 63 bytes"));
+        assert_eq!(unattributable("a\0b"), Some("it contains a NUL byte"));
     }
 }

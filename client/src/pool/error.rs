@@ -21,9 +21,9 @@ pub enum Error {
     /// The connection could not be attributed to its company; it has been discarded.
     #[error("{node}: could not set tenant_scale.company to {company:?}: {source}")]
     Attribution { node: String, company: String, source: tokio_postgres::Error },
-    /// A company name PostgreSQL cannot hold in a setting (it contains a NUL byte).
-    #[error("company name {company:?} contains a NUL byte")]
-    InvalidCompany { company: String },
+    /// A company name the setting `tenant_scale.company` cannot hold.
+    #[error("company name {company:?} cannot be attributed: {reason}")]
+    InvalidCompany { company: String, reason: &'static str },
     /// `close()` was called.
     #[error("the pool is closed")]
     Closed,
