@@ -183,3 +183,34 @@ async fn slow_redis_is_bypassed_within_the_timeout() {
     assert!(!cache.health().redis.up);
     redis::cmd("CLIENT").arg("UNPAUSE").exec(&mut admin).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_loaded_across_an_invalidation_is_never_served() {
+    let redis = Redis::start().unwrap();
+    let cache = Arc::new(cache(&redis));
+    let (started, loading) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let slow_load = tokio::spawn({
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_or_set("acme", "n", "k", None, || async move {
+                    started.send(()).unwrap();
+                    released.await.unwrap();
+                    Ok::<_, std::convert::Infallible>(1u32)
+                })
+                .await
+                .unwrap()
+        }
+    });
+    loading.await.unwrap();
+    cache.invalidate_namespace("acme", "n").await;
+    release.send(()).unwrap();
+    assert_eq!(slow_load.await.unwrap(), 1, "its caller still gets what it loaded");
+    let loads = AtomicUsize::new(0);
+    assert_eq!(
+        read(&cache, "acme", "n", "k", 2, &loads).await,
+        2,
+        "but it was stored under the old generation"
+    );
+}

@@ -2,12 +2,13 @@
 //! down or slow.
 //!
 //! Invariants:
-//! - Every key is scoped by company and namespace (`ts:c:<company>:<namespace>:<key>`, length-prefixed)
-//!   and suffixed with two generations, the company's and the namespace's. Invalidating a company or a
-//!   namespace is one INCR of its generation (O(1), no SCAN): nothing reads the old generation again
-//!   and its values expire with their TTL. A read is one round trip (`lookup.lua` returns both
-//!   generations and the value); a miss is stored under the generations that read saw, so a value
-//!   loaded across an invalidation is never served.
+//! - Every key is scoped by company and namespace (`ts:c:<company>:<namespace>:<key>`, length-prefixed).
+//!   The company and the namespace each have a generation; a value is stored tagged with the two
+//!   generations that were current when its load began, and a read (one MGET: both generations and the
+//!   value, one round trip) takes a value whose tag is not the current pair for a miss. Invalidating a
+//!   company or a namespace is one INCR of its generation (O(1), no SCAN, no DEL); stale values are
+//!   overwritten by the next load or expire with their TTL. A value loaded across an invalidation
+//!   carries the old tag, so it is never served.
 //! - Single flight: concurrent misses of one key in this process run the loader once; the others wait
 //!   for it and read what it stored. Different keys never wait for each other.
 //! - Redis unavailable (see `redis_link.rs`): reads and writes go to a bounded moka cache with the same
@@ -22,7 +23,7 @@ mod stats;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -85,11 +86,13 @@ enum Lookup {
 }
 
 enum StoreAt {
-    Redis(String),
+    /// The key, and the generation tag the value goes under.
+    Redis {
+        key: String,
+        tag: String,
+    },
     Fallback(String),
 }
-
-static LOOKUP: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("lookup.lua")));
 
 /// A scope an invalidation applies to: a company, or one namespace of it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -236,23 +239,30 @@ impl Cache {
         let found = self
             .redis
             .run(|mut connection| {
-                let (company_key, namespace_key) = (company_key.clone(), namespace_key.clone());
+                let keys = [company_key.clone(), namespace_key.clone(), base.to_string()];
                 async move {
-                    LOOKUP
-                        .key(company_key)
-                        .key(namespace_key)
-                        .arg(base)
-                        .invoke_async::<(String, String, Option<String>)>(&mut connection)
+                    redis::cmd("MGET")
+                        .arg(&keys)
+                        .query_async::<(Option<String>, Option<String>, Option<String>)>(&mut connection)
                         .await
                 }
             })
             .await;
         match found {
             Ok((company_gen, namespace_gen, value)) => {
-                let store_at = StoreAt::Redis(format!("{base}:g{company_gen}.{namespace_gen}"));
-                match value {
-                    Some(json) => Lookup::Hit { json: json.into(), store_at },
-                    None => Lookup::Miss(store_at),
+                let tag = format!(
+                    "{}.{}",
+                    company_gen.as_deref().unwrap_or("0"),
+                    namespace_gen.as_deref().unwrap_or("0")
+                );
+                let current =
+                    value.as_deref().and_then(|value| value.strip_prefix(tag.as_str())?.strip_prefix('|'));
+                match current {
+                    Some(json) => Lookup::Hit {
+                        json: json.into(),
+                        store_at: StoreAt::Redis { key: base.to_string(), tag },
+                    },
+                    None => Lookup::Miss(StoreAt::Redis { key: base.to_string(), tag }),
                 }
             }
             Err(unavailable) => {
@@ -269,15 +279,15 @@ impl Cache {
     async fn store(&self, company: &str, at: StoreAt, json: String, ttl: Duration) {
         let json: Arc<str> = json.into();
         match at {
-            StoreAt::Redis(key) => {
+            StoreAt::Redis { key, tag } => {
                 let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-                let value = json.clone();
+                let value = format!("{tag}|{json}");
                 let stored = self
                     .redis
                     .run(|mut connection| async move {
                         redis::cmd("SET")
                             .arg(key)
-                            .arg(&*value)
+                            .arg(value)
                             .arg("PX")
                             .arg(millis)
                             .exec_async(&mut connection)
