@@ -26,10 +26,8 @@
 //!   by hand (`BEGIN` through `batch_execute`) and return the connection without ending it are a caller
 //!   error this type cannot see; use `transaction()`.
 
-use std::future::{Future, poll_fn};
-use std::pin::pin;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::Poll;
 
 use deadpool_postgres::{Object, Transaction};
 use tokio_postgres::types::ToSql;
@@ -179,17 +177,9 @@ impl TenantConnection {
         let Some(attribute) = pending else {
             return statement.await.map_err(|error| self.failed(error));
         };
-        let mut attribution = pin!(self.object().batch_execute(&attribute));
-        // The first poll queues the attribution on the connection; the caller's statement is queued
-        // after it when the join below first polls it, so PostgreSQL runs them in this order.
-        let first = poll_fn(|context| Poll::Ready(attribution.as_mut().poll(context))).await;
-        let attributed = async {
-            match first {
-                Poll::Ready(outcome) => outcome,
-                Poll::Pending => attribution.await,
-            }
-        };
-        let (attributed, result) = tokio::join!(attributed, statement);
+        // `biased` polls the attribution first, so it is queued on the connection before the caller's
+        // statement and PostgreSQL runs them in that order.
+        let (attributed, result) = tokio::join!(biased; self.object().batch_execute(&attribute), statement);
         if let Err(source) = attributed {
             self.discard.store(true, std::sync::atomic::Ordering::Relaxed);
             return Err(Error::Attribution {
