@@ -236,23 +236,26 @@ async fn statements_are_counted_for_their_company_in_company_stats() {
     );
 }
 
+/// The role of the server `read()` hands a connection from.
+async fn read_role(pool: &TenantPool) -> Role {
+    pool.read(Some("acme")).await.unwrap().server().1
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits for issue 5 on main: tenant_scale.replica_status() (and issue 4: tenant_scale.company)"]
 async fn reads_move_from_a_stopped_standby_to_the_primary_and_back() {
     let primary = Cluster::builder().start().unwrap();
     let mut standby = primary.start_standby().unwrap();
     let pool = TenantPool::connect(config(&primary, &[&standby])).await.unwrap();
-    let on_standby = pool.read(Some("acme")).await.unwrap();
-    assert_eq!(on_standby.server().1, Role::Replica);
-    let in_recovery: bool = on_standby.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0);
-    assert!(in_recovery);
-    drop(on_standby);
+    assert_eq!(read_role(&pool).await, Role::Replica);
+    assert_eq!(
+        pool.write(Some("acme")).await.unwrap().server().1,
+        Role::Primary,
+        "writes never go to a replica"
+    );
 
     standby.stop(StopMode::Fast).unwrap();
     for _ in 0..5 {
-        let connection = pool.read(Some("acme")).await.unwrap();
-        let in_recovery: bool = connection.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0);
-        assert!(!in_recovery, "served by the primary, without a failed call");
+        assert_eq!(read_role(&pool).await, Role::Primary, "served by the primary at once, no call failing");
     }
     tokio::time::sleep(CHECK_INTERVAL * 2).await;
     let replica = pool.health().await.into_iter().find(|node| node.role == Role::Replica).unwrap();
@@ -261,7 +264,7 @@ async fn reads_move_from_a_stopped_standby_to_the_primary_and_back() {
     standby.start().unwrap();
     let mut back = false;
     for _ in 0..50 {
-        if pool.read(Some("acme")).await.unwrap().server().1 == Role::Replica {
+        if read_role(&pool).await == Role::Replica {
             back = true;
             break;
         }
@@ -271,23 +274,39 @@ async fn reads_move_from_a_stopped_standby_to_the_primary_and_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits for issue 5 on main: tenant_scale.replica_status() (and issue 4: tenant_scale.company)"]
 async fn paused_replay_moves_reads_to_the_primary_within_one_check_interval() {
     let primary = Cluster::builder().start().unwrap();
     let standby = primary.start_standby().unwrap();
     let pool = TenantPool::connect(config(&primary, &[&standby])).await.unwrap();
-    assert_eq!(pool.read(None).await.unwrap().server().1, Role::Replica);
+    assert_eq!(read_role(&pool).await, Role::Replica);
 
     standby.psql("SELECT pg_wal_replay_pause()").unwrap();
     primary.psql("CREATE TABLE written_while_paused AS SELECT 1 AS id").unwrap();
     tokio::time::sleep(CHECK_INTERVAL + CHECK_INTERVAL / 2).await;
-    assert_eq!(pool.read(None).await.unwrap().server().1, Role::Primary);
+    assert_eq!(read_role(&pool).await, Role::Primary);
     let replica = pool.health().await.into_iter().find(|node| node.role == Role::Replica).unwrap();
     assert!(replica.up && !replica.serves_reads, "{replica:?}");
+    assert!(replica.last_error.as_deref().is_some_and(|error| error.contains("paused")), "{replica:?}");
 
     standby.psql("SELECT pg_wal_replay_resume()").unwrap();
     tokio::time::sleep(CHECK_INTERVAL + CHECK_INTERVAL / 2).await;
-    assert_eq!(pool.read(None).await.unwrap().server().1, Role::Replica);
+    assert_eq!(read_role(&pool).await, Role::Replica);
+    let replica = pool.health().await.into_iter().find(|node| node.role == Role::Replica).unwrap();
+    assert!(replica.lag.is_some_and(|lag| lag < Duration::from_secs(5)), "{replica:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_reads_round_robin() {
+    let primary = Cluster::builder().start().unwrap();
+    let (first, second) = (primary.start_standby().unwrap(), primary.start_standby().unwrap());
+    let pool = TenantPool::connect(config(&primary, &[&first, &second])).await.unwrap();
+    let mut servers = Vec::new();
+    for _ in 0..4 {
+        let connection = pool.read(None).await.unwrap();
+        servers.push(connection.server().0.to_string());
+    }
+    let names = [first.port(), second.port()].map(|port| format!("127.0.0.1:{port}/postgres"));
+    assert_eq!(servers, [&names[0], &names[1], &names[0], &names[1]].map(String::clone), "{servers:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
