@@ -54,9 +54,8 @@ fn main() -> Result<()> {
     print!("{}", machine_header()?);
     println!("client: {OPS} sequential operations per figure, {ROUNDS} interleaved rounds");
     let redis = Redis::start()?;
-    // TODO(issue 4): the preloaded cluster once tenant_scale.company exists on main; until then the
-    // setting is a placeholder of a cluster that does not preload the library.
-    let cluster = Cluster::builder().without_preload().start()?;
+    // Preloaded: the attribution is the real setting, and the statistics hooks count every query.
+    let cluster = Cluster::builder().start()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         cache_hit_against_raw_get(&redis).await?;

@@ -13,7 +13,6 @@ struct Item {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits for issue 4 on main: the setting tenant_scale.company (keyset_page() is there)"]
 async fn pages_walk_one_company_forward_and_back_in_order() {
     let primary = Cluster::builder().start().unwrap();
     primary

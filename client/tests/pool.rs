@@ -169,7 +169,6 @@ fn single_connection(primary: &Cluster) -> PoolConfig {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits for issue 4 on main: the setting tenant_scale.company"]
 async fn attribution_never_leaks_to_the_next_user_of_a_connection() {
     let primary = Cluster::builder().start().unwrap();
     let pool = TenantPool::connect(single_connection(&primary)).await.unwrap();
@@ -195,7 +194,6 @@ async fn attribution_never_leaks_to_the_next_user_of_a_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits for issue 4 on main: the setting tenant_scale.company"]
 async fn a_failed_transaction_keeps_its_company_and_leaks_nothing() {
     let primary = Cluster::builder().start().unwrap();
     let pool = TenantPool::connect(single_connection(&primary)).await.unwrap();
@@ -218,7 +216,6 @@ async fn a_failed_transaction_keeps_its_company_and_leaks_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits for issue 4 on main: tenant_scale.company and the view tenant_scale.company_stats"]
 async fn statements_are_counted_for_their_company_in_company_stats() {
     let primary = Cluster::builder().start().unwrap();
     let pool = TenantPool::connect(config(&primary, &[])).await.unwrap();
@@ -310,7 +307,7 @@ async fn replicas_share_reads_round_robin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits for issue 3 on main: quotas (and issue 4: tenant_scale.company)"]
+#[ignore = "waits for issue 3 on main: quotas"]
 async fn insert_over_the_plan_limit_is_a_typed_quota_error_with_the_upgrade() {
     let primary = Cluster::builder().start().unwrap();
     primary
