@@ -15,9 +15,9 @@
 //!   the executor (as the extension's do) do not count it as a call of the previous company, which
 //!   the value at its start still names. The company is sent as an escaped `E''` literal; a name the
 //!   setting cannot hold (a NUL byte, more than 63 bytes) is refused before anything is sent.
-//! - It costs no round trip of its own: it is queued together with the caller's first statement
+//! - It is not awaited on its own: it is queued together with the caller's first statement
 //!   (tokio-postgres writes both in one go, and PostgreSQL answers them in order), and both results are
-//!   awaited together. The setting can then only fail when the statement behind it fails too (an
+//!   awaited together. It is still one more statement for the server (see benches/RESULTS.md). The setting can then only fail when the statement behind it fails too (an
 //!   aborted transaction, a lost connection) or when the server has no such setting (nothing could be
 //!   attributed before either); the caller gets `Error::Attribution` and the connection is discarded
 //!   instead of going back to the pool.
