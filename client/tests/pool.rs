@@ -307,7 +307,6 @@ async fn replicas_share_reads_round_robin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "waits for issue 3 on main: quotas"]
 async fn insert_over_the_plan_limit_is_a_typed_quota_error_with_the_upgrade() {
     let primary = Cluster::builder().start().unwrap();
     primary
@@ -332,5 +331,6 @@ async fn insert_over_the_plan_limit_is_a_typed_quota_error_with_the_upgrade() {
         ("acme", "patients", "free", Some(2))
     );
     assert_eq!((quota.used, quota.requested), (Some(2), Some(1)));
+    assert!(quota.hint.as_deref().is_some_and(|hint| hint.contains("basic")), "{quota:?}");
     assert_eq!((quota.upgrade_plan.as_deref(), quota.upgrade_limit), (Some("basic"), Some(10)));
 }

@@ -13,7 +13,7 @@ pub enum Error {
     #[error("no connection to {node}: {source}")]
     Checkout { node: String, source: PoolError },
     /// A statement failed on a node.
-    #[error("{node}: {source}")]
+    #[error("{node}: {}", describe(.source))]
     Database { node: String, source: tokio_postgres::Error },
     /// An insert went over the company's plan limit.
     #[error(transparent)]
@@ -70,33 +70,51 @@ impl QuotaExceeded {
     /// Reads a quota error out of any tokio-postgres error (also one from a `Transaction`).
     pub fn from_error(error: &tokio_postgres::Error) -> Option<QuotaExceeded> {
         let db = error.as_db_error()?;
-        if db.code() != &SqlState::PROGRAM_LIMIT_EXCEEDED {
+        if db.code() != &SqlState::CONFIGURATION_LIMIT_EXCEEDED {
             return None;
         }
         Some(Self::parse(db.message(), db.detail(), db.hint()))
     }
 
-    /// Quoted names in MESSAGE are company, resource and plan, in that order, and its last number is the
-    /// limit; DETAIL's numbers are used then requested; HINT's quoted name is the upgrade plan and its
-    /// number that plan's limit.
+    /// The extension's texts (src/quota/refusal.rs):
+    /// MESSAGE `company "C" has reached its limit of N RESOURCE on plan "P"`,
+    /// DETAIL `USED of N RESOURCE are in use[, ...]; this statement needs REQUESTED more.`,
+    /// HINT `Upgrade to plan "Q", which allows M RESOURCE, or delete rows.` (`unlimited` for no limit),
+    /// or `No plan allows more RESOURCE: delete rows to make room.`
     fn parse(message: &str, detail: Option<&str>, hint: Option<&str>) -> QuotaExceeded {
         let names = quoted(message);
-        let name = |index: usize| names.get(index).cloned().unwrap_or_default();
+        let (limit, resource) = message
+            .split_once("limit of ")
+            .and_then(|(_, rest)| {
+                let (limit, rest) = rest.split_once(' ')?;
+                let (resource, _) = rest.rsplit_once(" on plan ")?;
+                Some((limit.parse().ok(), resource.to_string()))
+            })
+            .unwrap_or_default();
         let detail_numbers = detail.map(numbers).unwrap_or_default();
         let upgrade_plan = hint.and_then(|hint| quoted(hint).into_iter().next());
+        let upgrade_limit = upgrade_plan.as_ref().and(hint).and_then(|hint| numbers(hint).first().copied());
         QuotaExceeded {
-            company: name(0),
-            resource: name(1),
-            plan: name(2),
-            limit: numbers(message).last().copied(),
+            company: names.first().cloned().unwrap_or_default(),
+            resource,
+            plan: if names.len() > 1 { names.last().cloned().unwrap_or_default() } else { String::new() },
+            limit,
             used: detail_numbers.first().copied(),
-            requested: detail_numbers.get(1).copied(),
-            upgrade_limit: upgrade_plan.as_ref().and(hint).and_then(|hint| numbers(hint).last().copied()),
+            requested: (detail_numbers.len() > 1).then(|| detail_numbers.last().copied()).flatten(),
+            upgrade_limit,
             upgrade_plan,
             message: message.to_string(),
             detail: detail.map(str::to_string),
             hint: hint.map(str::to_string),
         }
+    }
+}
+
+/// A server error's own words and SQLSTATE ("db error" is all tokio-postgres's Display says).
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
     }
 }
 
@@ -119,11 +137,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quota_fields_are_read_from_message_detail_and_hint() {
+    fn quota_fields_are_read_from_the_extensions_message_detail_and_hint() {
         let quota = QuotaExceeded::parse(
-            r#"company "acme 2" is at its limit of "patients": plan "free" allows 1,000 rows"#,
-            Some("1000 rows used, 1 requested."),
-            Some(r#"Upgrade to plan "basic" (5000 rows)."#),
+            r#"company "acme 2" has reached its limit of 1000 patients on plan "free""#,
+            Some("1000 of 1000 patients are in use, 2 of them taken by this statement, which needs 1 more."),
+            Some(r#"Upgrade to plan "basic", which allows 5000 patients, or delete rows."#),
         );
         assert_eq!(
             (quota.company.as_str(), quota.resource.as_str(), quota.plan.as_str(), quota.limit),
@@ -134,13 +152,22 @@ mod tests {
     }
 
     #[test]
-    fn hint_without_a_plan_means_no_upgrade() {
-        let quota = QuotaExceeded::parse(
-            r#"company "c" is at its limit of "orders": plan "enterprise" allows 9 rows"#,
-            None,
-            Some("Delete rows to make room."),
+    fn unlimited_upgrade_and_no_upgrade_are_told_apart() {
+        let unlimited = QuotaExceeded::parse(
+            r#"company "c" has reached its limit of 9 order lines on plan "professional""#,
+            Some("9 of 9 order lines are in use; this statement needs 3 more."),
+            Some(r#"Upgrade to plan "enterprise", which allows unlimited order lines, or delete rows."#),
         );
-        assert_eq!((quota.upgrade_plan, quota.upgrade_limit), (None, None));
-        assert_eq!((quota.used, quota.requested), (None, None));
+        assert_eq!(
+            (unlimited.resource.as_str(), unlimited.used, unlimited.requested),
+            ("order lines", Some(9), Some(3))
+        );
+        assert_eq!((unlimited.upgrade_plan.as_deref(), unlimited.upgrade_limit), (Some("enterprise"), None));
+        let none = QuotaExceeded::parse(
+            r#"company "c" has reached its limit of 9 orders on plan "enterprise""#,
+            None,
+            Some("No plan allows more orders: delete rows to make room."),
+        );
+        assert_eq!((none.upgrade_plan, none.upgrade_limit, none.used), (None, None, None));
     }
 }
