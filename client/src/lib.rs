@@ -12,6 +12,7 @@
 //! setting or node that caused it.
 
 pub mod cache;
+mod lock;
 pub mod pagination;
 pub mod pool;
 pub mod ratelimit;

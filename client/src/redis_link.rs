@@ -14,10 +14,12 @@
 //! - The state lock is a std mutex held only to read or write a few fields, never across an await.
 
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::lock::locked;
 
 /// Where Redis is and how long to wait for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,8 +85,7 @@ impl RedisLink {
     }
 
     fn state(&self) -> MutexGuard<'_, LinkState> {
-        // The guarded fields stay consistent whatever panicked while holding the lock.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        locked(&self.state)
     }
 
     /// Runs `command` on Redis unless the circuit is open; an error means "use your fallback".

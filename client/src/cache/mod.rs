@@ -23,12 +23,13 @@ mod stats;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::lock::locked;
 use crate::redis_link::{RedisConfig, RedisHealth, RedisLink, Unavailable, scoped_key};
 pub use stats::{CacheCounters, CacheStats};
 use stats::{Event, Recorder};
@@ -122,10 +123,6 @@ pub struct Cache {
     synced_outages: AtomicU64,
     flights: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
     stats: Recorder,
-}
-
-fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Cache {

@@ -1,7 +1,9 @@
 //! Cache counters per company and in total. One std mutex guards the map; it is held for an increment.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
+
+use crate::lock::locked;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -51,7 +53,7 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     pub(crate) fn record(&self, company: &str, event: Event) {
-        let mut companies = self.companies.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut companies = locked(&self.companies);
         let counters = match companies.get_mut(company) {
             Some(counters) => counters,
             None => companies.entry(company.to_string()).or_default(),
@@ -65,7 +67,7 @@ impl Recorder {
     }
 
     pub(crate) fn snapshot(&self) -> CacheStats {
-        let companies = self.companies.lock().unwrap_or_else(PoisonError::into_inner);
+        let companies = locked(&self.companies);
         let mut stats = CacheStats::default();
         for (company, counters) in companies.iter() {
             stats.total.add(counters);

@@ -27,7 +27,7 @@
 //!   error this type cannot see; use `transaction()`.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use deadpool_postgres::{Object, Transaction};
 use tokio_postgres::types::ToSql;
@@ -35,6 +35,7 @@ use tokio_postgres::{Row, Statement, ToStatement};
 
 use super::error::{Error, QuotaExceeded};
 use super::node::{Node, Role};
+use crate::lock::locked;
 
 /// The longest company name the setting takes (NAMEDATALEN - 1 bytes, as the extension checks).
 const MAX_COMPANY_BYTES: usize = 63;
@@ -173,7 +174,7 @@ impl TenantConnection {
         &self,
         statement: impl Future<Output = Result<R, tokio_postgres::Error>>,
     ) -> Result<R, Error> {
-        let pending = self.pending_attribution.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let pending = locked(&self.pending_attribution).take();
         let Some(attribute) = pending else {
             return statement.await.map_err(|error| self.failed(error));
         };

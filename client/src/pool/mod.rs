@@ -17,12 +17,13 @@ mod error;
 mod node;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::PoolError;
 use tokio::task::JoinHandle;
 
+use crate::lock::locked;
 pub use config::{ConfigError, PoolConfig};
 pub use connection::TenantConnection;
 pub use error::{Error, QuotaExceeded};
@@ -134,7 +135,7 @@ impl TenantPool {
     pub async fn close(&self, deadline: Duration) -> Result<(), Error> {
         self.inner.closing.store(true, Ordering::Release);
         self.inner.stop_monitor.send_replace(true);
-        let monitor = self.monitor.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let monitor = locked(&self.monitor).take();
         if let Some(monitor) = monitor {
             let _ = monitor.await;
         }

@@ -11,7 +11,7 @@
 //! - The state mutex is a std mutex, held to read or write the fields, never across an await. The
 //!   monitor connection is behind a tokio mutex, since a check holds it across its query.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -19,6 +19,7 @@ use tokio_postgres::NoTls;
 
 use super::config::PoolConfig;
 use super::error::Error;
+use crate::lock::locked;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -130,7 +131,7 @@ impl Node {
     }
 
     fn state(&self) -> MutexGuard<'_, NodeState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        locked(&self.state)
     }
 
     /// A replica fit to serve reads right now.

@@ -16,8 +16,10 @@
 //! map grows.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::Instant;
+
+use crate::lock::locked;
 
 /// The shape of one limiter, in microseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,7 +80,7 @@ impl LocalLimiter {
 
     pub(crate) fn check(&self, key: &str, rate: Rate) -> Verdict {
         let now = i64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(i64::MAX);
-        let mut tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut tats = locked(&self.tats);
         let (verdict, new_tat) = decide(rate, tats.get(key).copied(), now);
         if let Some(new_tat) = new_tat {
             if tats.len() >= PRUNE_ABOVE && !tats.contains_key(key) {
