@@ -178,7 +178,7 @@ async fn attribution_never_leaks_to_the_next_user_of_a_connection() {
     pool.write(Some("acme"))
         .await
         .unwrap()
-        .batch_execute("SET tenant_scale.company = 'mallory'")
+        .execute("SET tenant_scale.company = 'mallory'", &[])
         .await
         .unwrap();
     assert_eq!(
@@ -213,6 +213,38 @@ async fn a_failed_transaction_keeps_its_company_and_leaks_nothing() {
     }
     drop(connection);
     assert_eq!(company_and_pid(&pool.write(Some("globex")).await.unwrap()).await.0, "globex");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_left_open_through_a_raw_path_never_reaches_the_next_checkout() {
+    let primary = Cluster::builder().start().unwrap();
+    primary.psql("CREATE TABLE notes (note text NOT NULL)").unwrap();
+    let pool = TenantPool::connect(single_connection(&primary)).await.unwrap();
+    for raw_path in ["batch_execute", "client"] {
+        let connection = pool.write(Some("acme")).await.unwrap();
+        let begin = format!("BEGIN; INSERT INTO notes VALUES ('acme {raw_path}')");
+        match raw_path {
+            "batch_execute" => connection.batch_execute(&begin).await.unwrap(),
+            _ => connection.client().await.unwrap().batch_execute(&begin).await.unwrap(),
+        }
+        let left_open = company_and_pid(&connection).await.1;
+        drop(connection);
+
+        let mut next = pool.write(Some("globex")).await.unwrap();
+        let transaction = next.transaction().await.unwrap();
+        transaction.execute("INSERT INTO notes VALUES ('globex ' || $1)", &[&raw_path]).await.unwrap();
+        transaction.commit().await.unwrap();
+        let (company, pid) = company_and_pid(&next).await;
+        drop(next);
+        let committed = primary
+            .psql(&format!(
+                "SELECT string_agg(note, ', ' ORDER BY note) FROM notes WHERE note LIKE '% {raw_path}'"
+            ))
+            .unwrap();
+        assert_eq!(committed, format!("globex {raw_path}"), "acme's uncommitted insert never commits");
+        assert_eq!(company, "globex");
+        assert_ne!(pid, left_open, "{raw_path}: the connection was closed, not handed to the next checkout");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

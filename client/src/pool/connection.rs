@@ -17,14 +17,18 @@
 //!   setting cannot hold (a NUL byte, more than 63 bytes) is refused before anything is sent.
 //! - It is not awaited on its own: it is queued together with the caller's first statement
 //!   (tokio-postgres writes both in one go, and PostgreSQL answers them in order), and both results are
-//!   awaited together. It is still one more statement for the server (see benches/RESULTS.md). The setting can then only fail when the statement behind it fails too (an
-//!   aborted transaction, a lost connection) or when the server has no such setting (nothing could be
-//!   attributed before either); the caller gets `Error::Attribution` and the connection is discarded
-//!   instead of going back to the pool.
+//!   awaited together. It is still one more statement for the server (see benches/RESULTS.md). The
+//!   setting can then only fail when the statement behind it fails too (an aborted transaction, a lost
+//!   connection) or when the server has no such setting (nothing could be attributed before either);
+//!   the caller gets `Error::Attribution` and the connection is discarded instead of going back to the
+//!   pool.
 //! - A `Transaction` from `transaction()` rolls back when dropped unfinished (tokio-postgres queues the
-//!   ROLLBACK), so it is over before the next checkout's setting runs. Statements that open a transaction
-//!   by hand (`BEGIN` through `batch_execute`) and return the connection without ending it are a caller
-//!   error this type cannot see; use `transaction()`.
+//!   ROLLBACK), so it is over before the next checkout's setting runs. The pool cannot read a
+//!   connection's transaction status (tokio-postgres does not expose it), but it knows which checkouts
+//!   took a raw path (`batch_execute`, `client()`), the usual ways to leave a `BEGIN` open: those
+//!   connections are closed when returned, never handed to the next checkout, whose `SET` and
+//!   statements would otherwise run (and commit) inside that transaction. A `BEGIN` sent as a single
+//!   statement through `execute`/`query` is not seen; use `transaction()`.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -66,7 +70,8 @@ pub struct TenantConnection {
     company: String,
     /// The attribution statement, until it has been sent.
     pending_attribution: Mutex<Option<String>>,
-    /// Set when the connection must not go back to the pool.
+    /// Set when the connection must not go back to the pool: it broke, or the caller took a raw path
+    /// that may have left a transaction open.
     discard: std::sync::atomic::AtomicBool,
     ban: std::time::Duration,
 }
@@ -139,7 +144,12 @@ impl TenantConnection {
     }
 
     /// Several statements in one simple-protocol message (no parameters).
+    ///
+    /// What they leave behind (a `BEGIN` not ended) cannot be seen from here, so the connection is
+    /// closed when this checkout ends instead of going back to the pool; the next checkout opens a new
+    /// one. Use [`transaction()`](Self::transaction) for transactions.
     pub async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+        self.discard_on_return();
         self.run(self.object().batch_execute(sql)).await
     }
 
@@ -163,10 +173,17 @@ impl TenantConnection {
     }
 
     /// The underlying client, once the attribution has been applied, for what the methods above do not
-    /// cover (COPY, notifications, ...).
+    /// cover (COPY, notifications, ...). As after `batch_execute`, the connection is closed when this
+    /// checkout ends.
     pub async fn client(&self) -> Result<&deadpool_postgres::ClientWrapper, Error> {
+        self.discard_on_return();
         self.run(async { Ok(()) }).await?;
         Ok(self.object())
+    }
+
+    /// Closes the connection when this checkout ends instead of returning it to the pool.
+    fn discard_on_return(&self) {
+        self.discard.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs the caller's statement, preceded on the wire by the attribution when it is still pending.
@@ -182,7 +199,7 @@ impl TenantConnection {
         // statement and PostgreSQL runs them in that order.
         let (attributed, result) = tokio::join!(biased; self.object().batch_execute(&attribute), statement);
         if let Err(source) = attributed {
-            self.discard.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.discard_on_return();
             return Err(Error::Attribution {
                 node: self.node.name.clone(),
                 company: self.company.clone(),
@@ -201,7 +218,7 @@ impl TenantConnection {
             return Error::Quota(Box::new(quota));
         }
         if source.as_db_error().is_none() && self.object().is_closed() {
-            self.discard.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.discard_on_return();
             if self.node.role == Role::Replica {
                 self.node.ban(self.ban, source.to_string());
             }
