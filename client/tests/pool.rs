@@ -372,6 +372,31 @@ async fn a_replica_lagging_over_the_maximum_serves_no_reads() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_banned_replica_serves_no_reads_until_a_check_after_the_failure_passes() {
+    let primary = Cluster::builder().start().unwrap();
+    let mut standby = primary.start_standby().unwrap();
+    let mut config = config(&primary, &[&standby]);
+    // No background check during the test: only the failure and health() change what the pool knows.
+    config.replica_check_interval = Duration::from_secs(3600);
+    config.replica_ban = Duration::from_millis(100);
+    let pool = TenantPool::connect(config).await.unwrap();
+    assert_eq!(read_role(&pool).await, Role::Replica);
+
+    standby.stop(StopMode::Fast).unwrap();
+    assert_eq!(read_role(&pool).await, Role::Primary, "the failed checkout bans it and the primary serves");
+    standby.start().unwrap();
+    let ban_over = Instant::now() + Duration::from_millis(200);
+    tokio::time::sleep_until(ban_over.into()).await;
+    assert_eq!(
+        read_role(&pool).await,
+        Role::Primary,
+        "the ban is over, but the check that found it fit came before the failure"
+    );
+    assert!(eventually(async || replica_health(&pool).await.serves_reads).await, "a check after it passes");
+    assert_eq!(read_role(&pool).await, Role::Replica);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_reads_round_robin() {
     let primary = Cluster::builder().start().unwrap();
     let (first, second) = (primary.start_standby().unwrap(), primary.start_standby().unwrap());

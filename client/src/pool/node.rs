@@ -3,8 +3,9 @@
 //! Invariants:
 //! - A replica serves reads only while its last check passed (reachable, in recovery, replay not
 //!   paused, `healthy` and lag under the maximum, all from `tenant_scale.replica_status()`) and it is
-//!   not banned. A failed checkout or a broken connection bans it for `replica_ban`; checks go on
-//!   meanwhile, and it is used again once the ban is over and a check passed.
+//!   not banned. A failed checkout or a broken connection bans it for `replica_ban` and clears what the
+//!   last check found, so no read goes there from that moment; checks go on meanwhile, and it is used
+//!   again once the ban is over and a check made after the failure passed.
 //! - Checks run on a connection of their own (application_name `tenant-scale-client monitor`), never on
 //!   a pooled one: a pooled connection still carries its last user's `tenant_scale.company`, and the
 //!   checks must not count as that company's statements. It is reopened when it breaks.
@@ -144,6 +145,9 @@ impl Node {
         let mut state = self.state();
         state.banned_until = Some(Instant::now() + ban);
         state.up = false;
+        // The check that found it fit predates the failure: a ban shorter than the check interval must
+        // not hand reads back to it on that old word.
+        state.serves_reads = false;
         state.last_error = Some(error);
     }
 
