@@ -99,6 +99,24 @@ async fn check_out(pool: &TenantPool, n: usize) -> Vec<tenant_scale_client::pool
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_opens_only_the_connections_missing_below_the_minimum() {
+    let primary = Cluster::builder().start().unwrap();
+    let mut config = config(&primary, &[]);
+    (config.primary_min, config.primary_max) = (2, 4);
+    let pool = TenantPool::connect(config).await.unwrap();
+    assert_eq!(backends(&primary).len(), 2);
+    let held = pool.write(None).await.unwrap();
+    // A raw path closes its connection on return: one in use, none idle, one short of the minimum.
+    pool.write(None).await.unwrap().batch_execute("SELECT 1").await.unwrap();
+    assert!(eventually(async || backends(&primary).len() == 2).await, "the missing one is reopened");
+    // Several more rounds of maintenance: none opens another (the idle timeout, 30 s, closes nothing).
+    tokio::time::sleep(CHECK_INTERVAL * 5).await;
+    assert_eq!(backends(&primary).len(), 2, "the minimum counts the connection in use");
+    assert_eq!(pool.health().await[0].size, 2);
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_pool_fails_after_the_wait_timeout_naming_the_node() {
     let primary = Cluster::builder().start().unwrap();
     let mut config = config(&primary, &[]);

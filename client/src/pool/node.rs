@@ -234,16 +234,18 @@ impl Node {
         if !self.state().up {
             return;
         }
-        if self.pool.status().size >= self.min {
+        let status = self.pool.status();
+        if status.size >= self.min {
             return;
         }
+        // `get()` hands out idle connections before opening new ones, and connections in use count in
+        // `size`: taking every idle one plus the missing ones, all held together, opens exactly
+        // `min - size` (asking for `min` would open `min` more whenever callers hold some).
         let mut opening = tokio::task::JoinSet::new();
-        for _ in 0..self.min {
+        for _ in 0..status.available + (self.min - status.size) {
             let pool = self.pool.clone();
             opening.spawn(async move { pool.get().await });
         }
-        // Held together, so that the pool ends up with `min` connections: the idle ones are taken first
-        // and the rest are opened.
         let opened = opening.join_all().await;
         drop(opened);
     }
