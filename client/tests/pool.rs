@@ -117,6 +117,38 @@ async fn maintenance_opens_only_the_connections_missing_below_the_minimum() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_keeps_its_deadline_while_a_check_waits_on_a_silent_server() {
+    let primary = Cluster::builder().start().unwrap();
+    // A "replica" that accepts connections and never answers: each check of it waits for the whole
+    // connect timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = silent.accept().await {
+                held.push(stream);
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let mut config = config(&primary, &[]);
+    config.replica_urls = vec![format!("postgres://postgres@127.0.0.1:{port}/postgres")];
+    config.connect_timeout = Duration::from_secs(2);
+    let pool = TenantPool::connect(config).await.unwrap();
+    // The first check ran in connect(); the second is the background task's, now waiting.
+    assert!(eventually(async || accepted.load(std::sync::atomic::Ordering::SeqCst) >= 2).await);
+
+    let started = Instant::now();
+    pool.close(Duration::from_millis(100)).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "close waited {took:?} for a check to give up");
+    listener.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_pool_fails_after_the_wait_timeout_naming_the_node() {
     let primary = Cluster::builder().start().unwrap();
     let mut config = config(&primary, &[]);

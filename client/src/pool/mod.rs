@@ -8,7 +8,8 @@
 //!   extension's `replica_status()`), closes connections idle past `idle_timeout` above each pool's
 //!   minimum and reopens up to the minimum. It holds only a weak reference: dropping the pool ends it.
 //! - `close()` refuses new checkouts at once, stops the background task, then waits for checked-out
-//!   connections to come back until its deadline, and finally closes every pool.
+//!   connections to come back, and finally closes every pool; the one deadline covers all of it (a
+//!   check still waiting on a silent server at the deadline is abandoned).
 //! - Attribution: see `connection.rs`.
 
 mod config;
@@ -133,14 +134,19 @@ impl TenantPool {
     /// Graceful shutdown: new checkouts fail with `Error::Closed` at once; connections checked out
     /// are waited for until `deadline` has passed (`Error::CloseTimeout` then); every pool is closed.
     pub async fn close(&self, deadline: Duration) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + deadline;
         self.inner.closing.store(true, Ordering::Release);
         self.inner.stop_monitor.send_replace(true);
         let monitor = locked(&self.monitor).take();
-        if let Some(monitor) = monitor {
-            let _ = monitor.await;
+        if let Some(mut monitor) = monitor {
+            // The stop signal is seen between rounds; a round in progress can wait up to the connect
+            // timeout on a server that does not answer, so it is cut off at the deadline.
+            if tokio::time::timeout_at(deadline, &mut monitor).await.is_err() {
+                monitor.abort();
+            }
         }
         let in_use = || self.inner.nodes().map(|node| node.health().in_use).sum::<usize>();
-        let waited = tokio::time::timeout(deadline, async {
+        let waited = tokio::time::timeout_at(deadline, async {
             while in_use() > 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -149,7 +155,7 @@ impl TenantPool {
         let still_in_use = in_use();
         for node in self.inner.nodes() {
             node.pool.close();
-            node.close_monitor().await;
+            node.close_monitor(deadline).await;
         }
         match waited {
             Ok(()) => Ok(()),

@@ -215,13 +215,17 @@ impl Node {
         }
     }
 
-    /// Closes the checks' own connection (at shutdown).
-    pub(crate) async fn close_monitor(&self) {
-        self.monitor.lock().await.take();
+    /// Closes the checks' own connection (at shutdown), unless a check still holds it at `deadline`:
+    /// that one is abandoned and its connection closes when the node is dropped.
+    pub(crate) async fn close_monitor(&self, deadline: tokio::time::Instant) {
+        if let Ok(mut monitor) = tokio::time::timeout_at(deadline, self.monitor.lock()).await {
+            monitor.take();
+        }
     }
 
-    /// Closes idle connections unused for `idle_timeout` above the minimum, and opens connections up
-    /// to the minimum when the node is up.
+    /// Closes idle connections unused for `idle_timeout` above the minimum, and opens the connections
+    /// missing up to the minimum when the node is up. Runs are never concurrent (the pool's monitor
+    /// task runs them one after the other, and `connect()` runs the first before starting it).
     pub(crate) async fn maintain(&self, idle_timeout: Duration) {
         let mut removable = self.pool.status().size.saturating_sub(self.min);
         self.pool.retain(|_, metrics| {
