@@ -481,8 +481,8 @@ async fn insert_over_the_plan_limit_is_a_typed_quota_error_with_the_upgrade() {
     let error = connection.execute(insert, &[&"acme"]).await.unwrap_err();
     let quota = error.quota().unwrap_or_else(|| panic!("not a quota error: {error:?}"));
     assert_eq!(
-        (quota.company.as_str(), quota.resource.as_str(), quota.plan.as_str(), quota.limit),
-        ("acme", "patients", "free", Some(2))
+        (quota.company.as_deref(), quota.resource.as_deref(), quota.plan.as_deref(), quota.limit),
+        (Some("acme"), Some("patients"), Some("free"), Some(2))
     );
     assert_eq!((quota.used, quota.requested), (Some(2), Some(1)));
     assert!(quota.hint.as_deref().is_some_and(|hint| hint.contains("basic")), "{quota:?}");

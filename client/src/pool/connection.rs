@@ -211,10 +211,9 @@ impl TenantConnection {
 
     /// Types a failed statement's error; a broken connection is discarded and its replica banned.
     fn failed(&self, source: tokio_postgres::Error) -> Error {
-        if let Some(mut quota) = QuotaExceeded::from_error(&source) {
-            if quota.company.is_empty() {
-                quota.company = self.company.clone();
-            }
+        // The company is the one the server named, not this connection's: a connection attributed to
+        // one company (or none) may insert another's rows.
+        if let Some(quota) = QuotaExceeded::from_error(&source) {
             return Error::Quota(Box::new(quota));
         }
         if source.as_db_error().is_none() && self.object().is_closed() {
