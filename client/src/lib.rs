@@ -18,4 +18,4 @@ pub mod pool;
 pub mod ratelimit;
 mod redis_link;
 
-pub use redis_link::{RedisConfig, RedisHealth};
+pub use redis_link::{InvalidRedisUrl, RedisConfig, RedisHealth};

@@ -79,9 +79,19 @@ pub(crate) struct RedisLink {
     state: Mutex<LinkState>,
 }
 
+/// `RedisConfig::url` is not a Redis URL; the cache and the rate limiter both report it as this.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid REDIS_URL {url:?}: {reason}")]
+pub struct InvalidRedisUrl {
+    pub url: String,
+    pub reason: String,
+}
+
 impl RedisLink {
-    pub(crate) fn new(config: RedisConfig) -> Result<Self, redis::RedisError> {
-        Ok(RedisLink { client: redis::Client::open(config.url.as_str())?, config, state: Mutex::default() })
+    pub(crate) fn new(config: RedisConfig) -> Result<Self, InvalidRedisUrl> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|error| InvalidRedisUrl { url: config.url.clone(), reason: error.to_string() })?;
+        Ok(RedisLink { client, config, state: Mutex::default() })
     }
 
     fn state(&self) -> MutexGuard<'_, LinkState> {

@@ -30,7 +30,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::lock::locked;
-use crate::redis_link::{RedisConfig, RedisHealth, RedisLink, Unavailable, scoped_key};
+use crate::redis_link::{InvalidRedisUrl, RedisConfig, RedisHealth, RedisLink, Unavailable, scoped_key};
 pub use stats::{CacheCounters, CacheStats};
 use stats::{Event, Recorder};
 
@@ -53,8 +53,8 @@ impl CacheConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CacheError {
-    #[error("invalid REDIS_URL: {0}")]
-    Redis(String),
+    #[error(transparent)]
+    Redis(#[from] InvalidRedisUrl),
 }
 
 /// What `health()` reports.
@@ -127,8 +127,7 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(config: CacheConfig) -> Result<Self, CacheError> {
-        let redis =
-            RedisLink::new(config.redis.clone()).map_err(|error| CacheError::Redis(error.to_string()))?;
+        let redis = RedisLink::new(config.redis.clone())?;
         let fallback = moka::future::Cache::builder()
             .max_capacity(config.fallback_capacity)
             .expire_after(TtlPerEntry)

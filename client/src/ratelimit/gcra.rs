@@ -8,6 +8,11 @@
 //! exact: after `limit` requests at one instant the TAT is exactly `limit * interval` ahead, so request
 //! `limit + 1` is refused, and it is admitted again exactly one interval later.
 //!
+//! What "limit per period" means here: the (N+1)th request of a burst is refused, but over any span of
+//! one period up to 2N−1 requests can pass (a full bucket plus its refill). A bucket full at the span's
+//! start admits N at once, then one every interval; since `interval >= period / N`, at most N−1 of
+//! those fall inside the rest of the span. Over a long run the rate is N per period.
+//!
 //! `gcra.lua` is the same arithmetic executed inside Redis; the two must stay in step (the tests of
 //! both modes in tests/ratelimit.rs check the same boundaries).
 //!
@@ -126,6 +131,24 @@ mod tests {
         assert!(verdict.allowed);
         assert_eq!(verdict.remaining, 0);
         assert!(!decide(FIVE_PER_SECOND, tat, 200_000).0.allowed);
+    }
+
+    #[test]
+    fn a_span_of_one_period_admits_at_most_2n_minus_1() {
+        // Greedy: at every instant, as many requests as are admitted. Over [0, period) that is the most
+        // any schedule gets: the full bucket at 0 and each refill as soon as it is there.
+        let (period, mut tat, mut admitted) = (1_000_000, None, 0);
+        for now in (0..period).step_by(1_000) {
+            loop {
+                let (verdict, stored) = decide(FIVE_PER_SECOND, tat, now);
+                if !verdict.allowed {
+                    break;
+                }
+                (tat, admitted) = (stored, admitted + 1);
+            }
+        }
+        assert_eq!(admitted, 2 * 5 - 1);
+        assert!(decide(FIVE_PER_SECOND, tat, period).0.allowed, "the next refill falls on the span's end");
     }
 
     #[test]

@@ -8,6 +8,12 @@
 //!
 //! Keys are `ts:rl:<policy>:<company>` with each part length-prefixed, so no company name can collide
 //! with another's key.
+//!
+//! Burst semantics (GCRA, in both modes): with a quota of N per period, the (N+1)th request of a burst
+//! is refused, but over any span of one period up to 2N−1 requests can pass (a full bucket plus its
+//! refill: N at once, then one every `ceil(period / N)`, of which N−1 fit in the rest of the span).
+//! Quotas are checked by [`RateLimiter::new`], so every decision's arithmetic is exact (see
+//! [`RateLimitError::InvalidQuota`]).
 
 mod gcra;
 
@@ -15,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use crate::redis_link::{RedisConfig, RedisHealth, RedisLink, scoped_key};
+use crate::redis_link::{InvalidRedisUrl, RedisConfig, RedisHealth, RedisLink, scoped_key};
 use gcra::{LocalLimiter, Rate, Verdict};
 
 /// `limit` requests per `period`.
@@ -30,15 +36,34 @@ impl Quota {
         Quota { limit, period }
     }
 
-    fn rate(self) -> Rate {
-        let period_us = i64::try_from(self.period.as_micros()).unwrap_or(i64::MAX);
-        let limit = i64::try_from(self.limit).unwrap_or(i64::MAX).max(1);
-        // Rounding the interval up never admits more than `limit` per period.
-        Rate { interval_us: ((period_us + limit - 1) / limit).max(1), limit }
+    /// The limiter's shape in microseconds, or why this quota cannot be enforced exactly.
+    fn rate(self) -> Result<Rate, &'static str> {
+        let period_us = self.period.as_micros();
+        if self.limit == 0 {
+            return Err("the limit must be at least 1 request");
+        }
+        if period_us == 0 {
+            return Err("the period must be at least 1 microsecond");
+        }
+        if u128::from(self.limit) > period_us {
+            return Err("more than one request per microsecond cannot be timed");
+        }
+        if self.period > MAX_PERIOD {
+            return Err("the period must be at most 50 years");
+        }
+        // Rounding the interval up never admits more than `limit` per period. Both casts are exact:
+        // limit <= period_us <= MAX_PERIOD in microseconds, far below i64::MAX.
+        let interval_us = period_us.div_ceil(u128::from(self.limit));
+        Ok(Rate { interval_us: interval_us as i64, limit: self.limit as i64 })
     }
 }
 
 const FIFTEEN_MINUTES: Duration = Duration::from_secs(15 * 60);
+
+/// The longest period a quota may have. TATs are microsecond timestamps that the Lua script holds as
+/// doubles, exact below 2^53 µs: now (about 2^50.7 µs since 1970) plus a burst of at most twice the
+/// period stays below that for decades.
+const MAX_PERIOD: Duration = Duration::from_secs(50 * 365 * 24 * 3600);
 
 /// Plans and named limiters.
 ///
@@ -76,11 +101,13 @@ impl Default for RateLimitConfig {
 }
 
 impl RateLimitConfig {
+    /// Sets `plan`'s quota; [`RateLimiter::new`] checks it.
     pub fn with_plan(mut self, plan: &str, quota: Quota) -> Self {
         self.plans.insert(plan.to_string(), quota);
         self
     }
 
+    /// Sets the named limiter's quota; [`RateLimiter::new`] checks it.
     pub fn with_limiter(mut self, name: &str, quota: Quota) -> Self {
         self.limiters.insert(name.to_string(), quota);
         self
@@ -94,8 +121,12 @@ pub enum RateLimitError {
     UnknownPlan(String),
     #[error("no rate limiter is named {0:?}")]
     UnknownLimiter(String),
-    #[error("invalid REDIS_URL: {0}")]
-    Redis(String),
+    /// A quota that cannot be enforced exactly: limit 0, period 0, more than one request per
+    /// microsecond, or a period over 50 years. `kind` is "plan" or "limiter".
+    #[error("{kind} {name:?}: {} requests per {:?} cannot be enforced: {reason}", quota.limit, quota.period)]
+    InvalidQuota { kind: &'static str, name: String, quota: Quota, reason: &'static str },
+    #[error(transparent)]
+    Redis(#[from] InvalidRedisUrl),
 }
 
 /// Which state decided.
@@ -161,17 +192,41 @@ fn sf_string(value: &str) -> String {
 
 static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("gcra.lua")));
 
+/// A checked quota and its shape in microseconds.
+#[derive(Clone, Copy)]
+struct Policy {
+    quota: Quota,
+    rate: Rate,
+}
+
+/// Checks every quota of `quotas`, naming the first that cannot be enforced.
+fn policies(
+    kind: &'static str,
+    quotas: BTreeMap<String, Quota>,
+) -> Result<BTreeMap<String, Policy>, RateLimitError> {
+    quotas
+        .into_iter()
+        .map(|(name, quota)| match quota.rate() {
+            Ok(rate) => Ok((name, Policy { quota, rate })),
+            Err(reason) => Err(RateLimitError::InvalidQuota { kind, name, quota, reason }),
+        })
+        .collect()
+}
+
 /// Decides requests against per-company, per-plan quotas.
 pub struct RateLimiter {
-    config: RateLimitConfig,
+    plans: BTreeMap<String, Policy>,
+    limiters: BTreeMap<String, Policy>,
     redis: RedisLink,
     local: LocalLimiter,
 }
 
 impl RateLimiter {
+    /// Checks every quota (`RateLimitError::InvalidQuota` names the first bad one) and the Redis URL.
     pub fn new(redis: RedisConfig, config: RateLimitConfig) -> Result<Self, RateLimitError> {
-        let redis = RedisLink::new(redis).map_err(|error| RateLimitError::Redis(error.to_string()))?;
-        Ok(RateLimiter { config, redis, local: LocalLimiter::new() })
+        let plans = policies("plan", config.plans)?;
+        let limiters = policies("limiter", config.limiters)?;
+        Ok(RateLimiter { plans, limiters, redis: RedisLink::new(redis)?, local: LocalLimiter::new() })
     }
 
     /// Decides one request of `company` on `plan`: against the plan's quota when `limiter` is `None`,
@@ -182,16 +237,13 @@ impl RateLimiter {
         plan: &str,
         limiter: Option<&str>,
     ) -> Result<Decision, RateLimitError> {
-        let (policy, quota) = match limiter {
-            None => {
-                (plan, self.config.plans.get(plan).ok_or_else(|| RateLimitError::UnknownPlan(plan.into()))?)
-            }
+        let (policy, Policy { quota, rate }) = match limiter {
+            None => (plan, *self.plans.get(plan).ok_or_else(|| RateLimitError::UnknownPlan(plan.into()))?),
             Some(name) => (
                 name,
-                self.config.limiters.get(name).ok_or_else(|| RateLimitError::UnknownLimiter(name.into()))?,
+                *self.limiters.get(name).ok_or_else(|| RateLimitError::UnknownLimiter(name.into()))?,
             ),
         };
-        let rate = quota.rate();
         let key = scoped_key("rl", &[policy, company]);
         let from_redis = self
             .redis
@@ -278,9 +330,54 @@ mod tests {
 
     #[test]
     fn interval_rounds_up_so_the_period_never_admits_more_than_the_limit() {
-        let rate = Quota::new(3, Duration::from_micros(10)).rate();
+        let rate = Quota::new(3, Duration::from_micros(10)).rate().unwrap();
         assert_eq!(rate, Rate { interval_us: 4, limit: 3 });
         assert!(rate.interval_us * rate.limit >= 10);
-        assert_eq!(Quota::new(20_000, FIFTEEN_MINUTES).rate().interval_us, 45_000);
+        assert_eq!(Quota::new(20_000, FIFTEEN_MINUTES).rate().unwrap().interval_us, 45_000);
+        assert_eq!(Quota::new(10, Duration::from_micros(10)).rate(), Ok(Rate { interval_us: 1, limit: 10 }));
+        assert!(Quota::new(1, MAX_PERIOD).rate().is_ok());
+    }
+
+    fn refusal(config: RateLimitConfig) -> RateLimitError {
+        RateLimiter::new(RedisConfig::new("redis://127.0.0.1:1/"), config).err().unwrap()
+    }
+
+    #[test]
+    fn quotas_that_cannot_be_enforced_exactly_are_refused_naming_the_plan_or_limiter() {
+        let second = Duration::from_secs(1);
+        let cases = [
+            (Quota::new(0, second), "the limit must be at least 1 request"),
+            (Quota::new(5, Duration::ZERO), "the period must be at least 1 microsecond"),
+            (Quota::new(5, Duration::from_nanos(999)), "the period must be at least 1 microsecond"),
+            (Quota::new(11, Duration::from_micros(10)), "more than one request per microsecond cannot be timed"),
+            (Quota::new(u64::MAX, second), "more than one request per microsecond cannot be timed"),
+            (Quota::new(1, MAX_PERIOD + Duration::from_micros(1)), "the period must be at most 50 years"),
+            (Quota::new(u64::MAX, Duration::MAX), "the period must be at most 50 years"),
+        ];
+        for (quota, reason) in cases {
+            let plan = refusal(RateLimitConfig::default().with_plan("odd", quota));
+            assert_eq!(
+                plan,
+                RateLimitError::InvalidQuota { kind: "plan", name: "odd".into(), quota, reason },
+                "{quota:?}"
+            );
+            assert!(plan.to_string().starts_with("plan \"odd\": "), "{plan}");
+            let limiter = refusal(RateLimitConfig::default().with_limiter("export", quota));
+            assert!(
+                matches!(&limiter, RateLimitError::InvalidQuota { kind: "limiter", name, .. } if name == "export"),
+                "{limiter:?}"
+            );
+        }
+        assert_eq!(
+            refusal(RateLimitConfig::default().with_plan("free", Quota::new(0, second))).to_string(),
+            "plan \"free\": 0 requests per 1s cannot be enforced: the limit must be at least 1 request"
+        );
+    }
+
+    #[test]
+    fn a_bad_redis_url_is_an_error_naming_the_url() {
+        let error = RateLimiter::new(RedisConfig::new("http://nowhere"), RateLimitConfig::default()).err().unwrap();
+        assert!(matches!(error, RateLimitError::Redis(_)), "{error:?}");
+        assert!(error.to_string().starts_with("invalid REDIS_URL \"http://nowhere\": "), "{error}");
     }
 }
