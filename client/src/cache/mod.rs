@@ -6,13 +6,25 @@
 //!   The company and the namespace each have a generation; a value is stored tagged with the two
 //!   generations that were current when its load began, and a read (one MGET: both generations and the
 //!   value, one round trip) takes a value whose tag is not the current pair for a miss. Invalidating a
-//!   company or a namespace is one INCR of its generation (O(1), no SCAN, no DEL); stale values are
-//!   overwritten by the next load or expire with their TTL. A value loaded across an invalidation
-//!   carries the old tag, so it is never served.
+//!   company or a namespace is one SET of its generation key to a fresh random token (O(1), no SCAN, no
+//!   DEL); stale values are overwritten by the next load or expire with their TTL. A value loaded
+//!   across an invalidation carries the old tag, so it is never served. Tokens rather than a counter:
+//!   a counter restarts when Redis loses its key (a restart without persistence that kept values, a
+//!   failover to a replica behind) and would hand an old tag back to values it had invalidated.
+//! - Generation keys have no TTL (a value's tag is only as good as the key behind it), so Redis must
+//!   not evict them: run it with `maxmemory-policy` `noeviction` or a `volatile-*` policy (values all
+//!   carry a TTL, generation keys none), never `allkeys-*`, under which an evicted generation key would
+//!   make values stored before that scope's first invalidation current again.
 //! - Single flight: concurrent misses of one key in this process run the loader once; the others wait
-//!   for it and read what it stored. Different keys never wait for each other.
+//!   for it and read what it stored. Different keys never wait for each other. A flight is left by a
+//!   guard's Drop, also when the caller's future is dropped mid-load, so the map of flights holds only
+//!   keys some call is working on (at most one entry per call in progress).
+//! - Every map keyed by caller input is bounded: flights (above), the in-process generations (at most
+//!   `MAX_LOCAL_GENERATIONS`; when full, they are forgotten together with the whole fallback, whose
+//!   keys they scope, so nothing stale becomes current) and the per-company stats (see `stats.rs`).
 //! - Redis unavailable (see `redis_link.rs`): reads and writes go to a bounded moka cache with the same
-//!   TTLs, scoped by in-process generations, and the caller sees no error. Invalidations that could not
+//!   TTLs, scoped by in-process generations, and the caller sees no error. The in-process generations
+//!   are counters: they live as long as the fallback entries they scope. Invalidations that could not
 //!   reach Redis are kept and replayed when it answers again, before it serves anything, and the
 //!   fallback is emptied then (it may hold values Redis never saw). Other processes' invalidations made
 //!   during the outage reach this process's fallback only through the TTL.
@@ -22,16 +34,17 @@ mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::lock::locked;
 use crate::redis_link::{InvalidRedisUrl, RedisConfig, RedisHealth, RedisLink, Unavailable, scoped_key};
-pub use stats::{CacheCounters, CacheStats};
+pub use stats::{CacheCounters, CacheStats, MAX_COMPANIES};
 use stats::{Event, Recorder};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,6 +124,39 @@ impl Scope {
     }
 }
 
+/// A fresh generation token: 64 bits from std's randomly keyed hasher (its keys come from the OS once
+/// per thread), over a process-wide counter and the clock. Unguessable is not needed, only that a
+/// token never comes back: no crate for that.
+fn new_generation() -> String {
+    static ISSUED: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(ISSUED.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    format!("{:016x}", hasher.finish())
+}
+
+/// In-process generations kept at most; see the module's invariants for what happens beyond.
+const MAX_LOCAL_GENERATIONS: usize = 10_000;
+
+/// This call's place in the single flight of its key; leaving it (on drop) removes the key from the
+/// map when nobody else is in it, whether the call finished or was cancelled.
+struct Flight<'a> {
+    flights: &'a Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    key: &'a str,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut flights = locked(self.flights);
+        // The map's Weak does not count: when ours is the last strong reference nobody else waits.
+        // Joining happens under the same lock, so nobody can join between this check and the removal.
+        if Arc::strong_count(&self.turn) == 1 {
+            flights.remove(self.key);
+        }
+    }
+}
+
 pub struct Cache {
     config: CacheConfig,
     redis: RedisLink,
@@ -160,38 +206,44 @@ impl Cache {
         Fut: Future<Output = Result<T, E>>,
     {
         let base = scoped_key("c", &[company, namespace, key]);
-        if let Lookup::Hit { json, .. } = self.lookup(company, namespace, &base).await
-            && let Some(value) = self.decode(company, &json)
-        {
-            self.stats.record(company, Event::Hit);
-            return Ok(value);
+        // Each call counts one hit or one miss, and one error at most however often it meets a value
+        // `T` cannot read (before and inside the flight).
+        let mut undecodable = false;
+        if let Lookup::Hit { json, .. } = self.lookup(company, namespace, &base).await {
+            match serde_json::from_str(&json) {
+                Ok(value) => {
+                    self.stats.record(company, Event::Hit);
+                    return Ok(value);
+                }
+                Err(_) => undecodable = true,
+            }
         }
         let flight = self.join_flight(&base);
-        let result = async {
-            let _turn = flight.lock().await;
-            // Whoever held the turn before may have stored the value meanwhile.
-            let store_at = match self.lookup(company, namespace, &base).await {
-                Lookup::Hit { json, store_at } => match self.decode(company, &json) {
-                    Some(value) => {
-                        self.stats.record(company, Event::Hit);
-                        return Ok(value);
-                    }
-                    // A value this version of `T` cannot read is replaced by a fresh load.
-                    None => store_at,
-                },
-                Lookup::Miss(store_at) => store_at,
-            };
-            self.stats.record(company, Event::Miss);
-            let value = loader().await?;
-            match serde_json::to_string(&value) {
-                Ok(json) => self.store(company, store_at, json, ttl.unwrap_or(self.config.default_ttl)).await,
-                Err(_) => self.stats.record(company, Event::Error),
-            }
-            Ok(value)
+        let _turn = flight.turn.lock().await;
+        // Whoever held the turn before may have stored the value meanwhile.
+        let store_at = match self.lookup(company, namespace, &base).await {
+            Lookup::Hit { json, store_at } => match serde_json::from_str(&json) {
+                Ok(value) => {
+                    self.count_undecodable(company, undecodable);
+                    self.stats.record(company, Event::Hit);
+                    return Ok(value);
+                }
+                // A value this version of `T` cannot read is replaced by a fresh load.
+                Err(_) => {
+                    undecodable = true;
+                    store_at
+                }
+            },
+            Lookup::Miss(store_at) => store_at,
+        };
+        self.count_undecodable(company, undecodable);
+        self.stats.record(company, Event::Miss);
+        let value = loader().await?;
+        match serde_json::to_string(&value) {
+            Ok(json) => self.store(company, store_at, json, ttl.unwrap_or(self.config.default_ttl)).await,
+            Err(_) => self.stats.record(company, Event::Error),
         }
-        .await;
-        self.leave_flight(&base, flight);
-        result
+        Ok(value)
     }
 
     /// Forgets every value of `company`, in O(1).
@@ -213,13 +265,13 @@ impl Cache {
     }
 
     async fn invalidate(&self, scope: Scope) {
-        *locked(&self.local_generations).entry(scope.generation_key()).or_default() += 1;
+        self.bump_local_generation(scope.generation_key());
         self.resync().await;
         let key = scope.generation_key();
         let outcome = self
             .redis
             .run(|mut connection| async move {
-                redis::cmd("INCR").arg(key).query_async::<i64>(&mut connection).await
+                redis::cmd("SET").arg(key).arg(new_generation()).exec_async(&mut connection).await
             })
             .await;
         if let Err(unavailable) = outcome {
@@ -304,12 +356,22 @@ impl Cache {
         format!("{base}:l{}.{}", generation(company_key), generation(namespace_key))
     }
 
-    fn decode<T: DeserializeOwned>(&self, company: &str, json: &str) -> Option<T> {
-        let decoded = serde_json::from_str(json).ok();
-        if decoded.is_none() {
+    /// Moves the fallback's generation of one scope on. When the map is full and the scope new, every
+    /// in-process generation is forgotten and the fallback emptied with them: its keys were scoped by
+    /// those generations, and a forgotten one restarts at 0, where an old value would be current.
+    fn bump_local_generation(&self, key: String) {
+        let mut generations = locked(&self.local_generations);
+        if generations.len() >= MAX_LOCAL_GENERATIONS && !generations.contains_key(&key) {
+            generations.clear();
+            self.fallback.invalidate_all();
+        }
+        *generations.entry(key).or_default() += 1;
+    }
+
+    fn count_undecodable(&self, company: &str, undecodable: bool) {
+        if undecodable {
             self.stats.record(company, Event::Error);
         }
-        decoded
     }
 
     fn count_unavailable(&self, company: &str, unavailable: Unavailable) {
@@ -335,7 +397,7 @@ impl Cache {
                     let mut pipeline = redis::pipe();
                     pipeline.cmd("PING").ignore();
                     for scope in &scopes {
-                        pipeline.cmd("INCR").arg(scope.generation_key()).ignore();
+                        pipeline.cmd("SET").arg(scope.generation_key()).arg(new_generation()).ignore();
                     }
                     pipeline.exec_async(&mut connection).await.map(|()| scopes)
                 }
@@ -351,21 +413,65 @@ impl Cache {
         }
     }
 
-    fn join_flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn join_flight<'a>(&'a self, key: &'a str) -> Flight<'a> {
         let mut flights = locked(&self.flights);
-        if let Some(flight) = flights.get(key).and_then(Weak::upgrade) {
-            return flight;
-        }
-        let flight = Arc::new(tokio::sync::Mutex::new(()));
-        flights.insert(key.to_string(), Arc::downgrade(&flight));
-        flight
+        let turn = match flights.get(key).and_then(Weak::upgrade) {
+            Some(turn) => turn,
+            None => {
+                let turn = Arc::new(tokio::sync::Mutex::new(()));
+                flights.insert(key.to_string(), Arc::downgrade(&turn));
+                turn
+            }
+        };
+        Flight { flights: &self.flights, key, turn }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache whose Redis refuses connections: everything goes through the fallback.
+    fn cache_without_redis() -> Cache {
+        Cache::new(CacheConfig::new(RedisConfig::new("redis://127.0.0.1:1/"))).unwrap()
     }
 
-    fn leave_flight(&self, key: &str, flight: Arc<tokio::sync::Mutex<()>>) {
-        let mut flights = locked(&self.flights);
-        // The map's Weak does not count: when ours is the last strong reference nobody else waits.
-        if Arc::strong_count(&flight) == 1 {
-            flights.remove(key);
+    #[tokio::test]
+    async fn a_call_cancelled_mid_load_leaves_its_flight() {
+        let cache = cache_without_redis();
+        let slow = cache.get_or_set("acme", "n", "k", None, || async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, std::convert::Infallible>(1u32)
+        });
+        assert!(tokio::time::timeout(Duration::from_millis(50), slow).await.is_err(), "cancelled");
+        assert!(locked(&cache.flights).is_empty(), "{:?}", locked(&cache.flights).keys());
+        let value = cache.get_or_set("acme", "n", "k", None, || async { Ok::<_, std::convert::Infallible>(2u32) });
+        assert_eq!(value.await, Ok(2), "the next call is not held up by the cancelled one");
+        assert!(locked(&cache.flights).is_empty());
+    }
+
+    #[tokio::test]
+    async fn in_process_generations_stay_bounded_and_never_revive_a_stale_value() {
+        let cache = cache_without_redis();
+        let load = |value: u32| move || async move { Ok::<_, std::convert::Infallible>(value) };
+        // Stored at generation 0, then invalidated: forgetting the generation would make it current.
+        assert_eq!(cache.get_or_set("acme", "n", "k", None, load(1)).await, Ok(1));
+        cache.invalidate_namespace("acme", "n").await;
+        for company in 0..MAX_LOCAL_GENERATIONS {
+            cache.invalidate_company(&company.to_string()).await;
         }
+        assert!(locked(&cache.local_generations).len() <= MAX_LOCAL_GENERATIONS);
+        assert_eq!(
+            cache.get_or_set("acme", "n", "k", None, load(2)).await,
+            Ok(2),
+            "forgetting acme's generations did not make the value stored before its invalidation current"
+        );
+    }
+
+    #[test]
+    fn generation_tokens_do_not_repeat() {
+        let tokens: HashSet<String> = (0..10_000).map(|_| new_generation()).collect();
+        assert_eq!(tokens.len(), 10_000);
+        assert!(tokens.iter().all(|token| token.len() == 16 && token != "0"));
     }
 }

@@ -1,4 +1,8 @@
 //! Cache counters per company and in total. One std mutex guards the map; it is held for an increment.
+//!
+//! Company names come from callers, so the map is bounded: the first `MAX_COMPANIES` companies seen get
+//! counters of their own, and the events of any other company are counted together in `other`
+//! (the total still counts everything).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -35,8 +39,14 @@ impl CacheCounters {
 #[non_exhaustive]
 pub struct CacheStats {
     pub total: CacheCounters,
+    /// At most `MAX_COMPANIES` (1,000) companies: the first seen.
     pub companies: BTreeMap<String, CacheCounters>,
+    /// Every company beyond those, together.
+    pub other: CacheCounters,
 }
+
+/// Companies with counters of their own at most.
+pub const MAX_COMPANIES: usize = 1_000;
 
 #[derive(Clone, Copy)]
 pub(crate) enum Event {
@@ -47,16 +57,25 @@ pub(crate) enum Event {
 }
 
 #[derive(Default)]
+struct Counted {
+    companies: HashMap<String, CacheCounters>,
+    other: CacheCounters,
+}
+
+#[derive(Default)]
 pub(crate) struct Recorder {
-    companies: Mutex<HashMap<String, CacheCounters>>,
+    counted: Mutex<Counted>,
 }
 
 impl Recorder {
     pub(crate) fn record(&self, company: &str, event: Event) {
-        let mut companies = locked(&self.companies);
-        let counters = match companies.get_mut(company) {
-            Some(counters) => counters,
-            None => companies.entry(company.to_string()).or_default(),
+        let mut counted = locked(&self.counted);
+        let Counted { companies, other } = &mut *counted;
+        // Two lookups for a known company rather than an allocated key on every event.
+        let counters = match companies.contains_key(company) {
+            true => companies.get_mut(company).expect("present"),
+            false if companies.len() >= MAX_COMPANIES => other,
+            false => companies.entry(company.to_string()).or_default(),
         };
         match event {
             Event::Hit => counters.hits += 1,
@@ -67,12 +86,34 @@ impl Recorder {
     }
 
     pub(crate) fn snapshot(&self) -> CacheStats {
-        let companies = locked(&self.companies);
-        let mut stats = CacheStats::default();
-        for (company, counters) in companies.iter() {
+        let counted = locked(&self.counted);
+        let mut stats = CacheStats { other: counted.other, ..CacheStats::default() };
+        stats.total.add(&counted.other);
+        for (company, counters) in &counted.companies {
             stats.total.add(counters);
             stats.companies.insert(company.clone(), *counters);
         }
         stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn companies_beyond_the_bound_are_counted_together_and_in_the_total() {
+        let recorder = Recorder::default();
+        for company in 0..MAX_COMPANIES + 5 {
+            recorder.record(&company.to_string(), Event::Miss);
+        }
+        recorder.record("0", Event::Hit);
+        recorder.record("new", Event::Hit);
+        let stats = recorder.snapshot();
+        assert_eq!(stats.companies.len(), MAX_COMPANIES);
+        assert_eq!((stats.companies["0"].hits, stats.companies["0"].misses), (1, 1), "the first seen keep theirs");
+        assert!(!stats.companies.contains_key("new"));
+        assert_eq!((stats.other.hits, stats.other.misses), (1, 5));
+        assert_eq!((stats.total.hits, stats.total.misses), (2, MAX_COMPANIES as u64 + 5));
     }
 }
