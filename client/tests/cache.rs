@@ -8,10 +8,21 @@ use tenant_scale_client::RedisConfig;
 use tenant_scale_client::cache::{Cache, CacheConfig};
 use tenant_scale_harness::Redis;
 
+/// A cache on `redis` that only an outage sends to its fallback: the 2 s command timeout (100 ms by
+/// default) keeps a loaded machine from looking like a slow Redis, so counts stay exact.
 fn cache(redis: &Redis) -> Cache {
+    cache_with_timeout(redis, Duration::from_secs(2))
+}
+
+fn cache_with_timeout(redis: &Redis, timeout: Duration) -> Cache {
     let mut redis_config = RedisConfig::new(&redis.url());
     redis_config.retry_after = Duration::from_millis(300);
+    redis_config.timeout = timeout;
     Cache::new(CacheConfig::new(redis_config)).unwrap()
+}
+
+fn redis_connection(redis: &Redis) -> redis::Connection {
+    redis::Client::open(redis.url()).unwrap().get_connection().unwrap()
 }
 
 /// Reads `key` with a loader that counts its runs and returns `value`.
@@ -44,7 +55,7 @@ async fn second_read_hits_and_keys_are_scoped_by_company_and_namespace() {
     assert_eq!(loads.load(Ordering::SeqCst), 3);
 
     let stats = cache.stats();
-    assert_eq!((stats.total.hits, stats.total.misses, stats.total.errors), (1, 3, 0));
+    assert_eq!((stats.total.hits, stats.total.misses, stats.total.errors, stats.total.fallback_uses), (1, 3, 0, 0));
     assert_eq!((stats.companies["acme"].hits, stats.companies["acme"].misses), (1, 2));
     assert!((stats.companies["acme"].hit_rate() - 1.0 / 3.0).abs() < 1e-9);
 }
@@ -53,16 +64,25 @@ async fn second_read_hits_and_keys_are_scoped_by_company_and_namespace() {
 async fn values_expire_with_their_ttl() {
     let redis = Redis::start().unwrap();
     let cache = cache(&redis);
-    let ttl = Some(Duration::from_millis(800));
     let load = |value: u32| move || async move { Ok::<_, std::convert::Infallible>(value) };
-    let stored = std::time::Instant::now();
-    assert_eq!(cache.get_or_set("acme", "n", "k", ttl, load(1)).await.unwrap(), 1);
-    let second = cache.get_or_set("acme", "n", "k", ttl, load(2)).await.unwrap();
-    if stored.elapsed() < Duration::from_millis(800) {
-        assert_eq!(second, 1, "still within its TTL");
+    let (short, long) = (Duration::from_millis(300), Duration::from_secs(3600));
+    assert_eq!(cache.get_or_set("acme", "n", "short", Some(short), load(1)).await.unwrap(), 1);
+    assert_eq!(cache.get_or_set("acme", "n", "long", Some(long), load(1)).await.unwrap(), 1);
+    assert_eq!(cache.get_or_set("acme", "n", "long", Some(long), load(2)).await.unwrap(), 1, "within its TTL");
+
+    // Redis holds each value for its own TTL: ask it rather than race the clock.
+    let mut connection = redis_connection(&redis);
+    let pttl = |key: &str, connection: &mut redis::Connection| -> i64 {
+        let key = format!("ts:c:4:acme:1:n:{}:{key}", key.len());
+        redis::cmd("PTTL").arg(key).query(connection).unwrap()
+    };
+    assert!((1..=300).contains(&pttl("short", &mut connection)));
+    assert!((3_590_000..=3_600_000).contains(&pttl("long", &mut connection)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while pttl("short", &mut connection) != -2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    assert_eq!(cache.get_or_set("acme", "n", "k", ttl, load(3)).await.unwrap(), 3);
+    assert_eq!(cache.get_or_set("acme", "n", "short", Some(short), load(3)).await.unwrap(), 3, "expired");
 }
 
 #[tokio::test]
@@ -83,7 +103,7 @@ async fn invalidating_a_namespace_or_company_forgets_exactly_its_values() {
     assert_eq!(read(&cache, "globex", "patients", "1", 3, &loads).await, 1, "other company kept");
 
     // O(1): an invalidation wrote one generation key, nothing was scanned or deleted.
-    let mut connection = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let mut connection = redis_connection(&redis);
     let keys: Vec<String> = redis::cmd("KEYS").arg("ts:gen:*").query(&mut connection).unwrap();
     assert_eq!(keys.len(), 2, "{keys:?}");
 }
@@ -160,18 +180,22 @@ async fn redis_stopped_mid_run_fails_no_call_and_redis_is_used_again_when_back()
     // return to Redis (it came back empty).
     assert_eq!(loads.load(Ordering::SeqCst), 40);
 
-    let mut connection = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    // Redis came back empty: the generation key there is the replayed invalidation's token.
+    let mut connection = redis_connection(&redis);
     let generation: Option<String> = redis::cmd("GET").arg("ts:gen:4:acme").query(&mut connection).unwrap();
-    assert_eq!(generation.as_deref(), Some("1"), "the invalidation made during the outage was replayed");
+    assert!(
+        generation.is_some_and(|token| token.len() == 16),
+        "the invalidation made during the outage was replayed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_redis_is_bypassed_within_the_timeout() {
     let redis = Redis::start().unwrap();
-    let cache = cache(&redis);
+    let cache = cache_with_timeout(&redis, Duration::from_millis(100));
     let loads = AtomicUsize::new(0);
     read(&cache, "acme", "n", "k", 1, &loads).await;
-    let mut admin = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let mut admin = redis_connection(&redis);
     redis::cmd("CLIENT").arg("PAUSE").arg(2_000).arg("ALL").exec(&mut admin).unwrap();
     let started = std::time::Instant::now();
     assert_eq!(
@@ -213,4 +237,36 @@ async fn a_value_loaded_across_an_invalidation_is_never_served() {
         2,
         "but it was stored under the old generation"
     );
+}
+
+#[tokio::test]
+async fn a_value_t_cannot_read_counts_one_error_and_one_miss() {
+    let redis = Redis::start().unwrap();
+    let cache = cache(&redis);
+    let number = cache.get_or_set("acme", "n", "k", None, || async { Ok::<_, std::convert::Infallible>(1u32) });
+    assert_eq!(number.await, Ok(1));
+    // Stored as a JSON number, read as a string: reloaded and replaced.
+    let text = cache.get_or_set("acme", "n", "k", None, || async { Ok::<_, std::convert::Infallible>("one".to_string()) });
+    assert_eq!(text.await.as_deref(), Ok("one"));
+    let again = cache.get_or_set("acme", "n", "k", None, || async { Ok::<_, std::convert::Infallible>("two".to_string()) });
+    assert_eq!(again.await.as_deref(), Ok("one"), "the replacement is served");
+    let stats = cache.stats().total;
+    assert_eq!((stats.hits, stats.misses, stats.errors, stats.fallback_uses), (1, 2, 1, 0));
+}
+
+#[tokio::test]
+async fn a_generation_key_lost_by_redis_never_revives_an_invalidated_value() {
+    let redis = Redis::start().unwrap();
+    let cache = cache(&redis);
+    let loads = AtomicUsize::new(0);
+    cache.invalidate_namespace("acme", "n").await;
+    assert_eq!(read(&cache, "acme", "n", "k", 1, &loads).await, 1);
+    cache.invalidate_namespace("acme", "n").await;
+    // Redis loses the generation key (an eviction, a restart that kept the values), and the next
+    // invalidation writes it again: a counter would restart where the stale value's tag was.
+    let mut connection = redis_connection(&redis);
+    let deleted: i64 = redis::cmd("DEL").arg("ts:gen:4:acme:1:n").query(&mut connection).unwrap();
+    assert_eq!(deleted, 1);
+    cache.invalidate_namespace("acme", "n").await;
+    assert_eq!(read(&cache, "acme", "n", "k", 2, &loads).await, 2, "reloaded, not the invalidated 1");
 }
