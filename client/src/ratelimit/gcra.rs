@@ -18,7 +18,9 @@
 //!
 //! The in-process state is a map from key to TAT behind one std mutex, held for the decision only.
 //! Entries whose TAT has passed carry no information (absent means full), so they are pruned when the
-//! map grows.
+//! map grows. Its bound: once it holds `PRUNE_ABOVE` keys, a new key first drops every full bucket, so
+//! it holds at most 10,000 keys or the (policy, company) pairs whose bucket is not full, which all made
+//! a request within the last period of their quota, whichever is more.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
