@@ -183,7 +183,9 @@ fn add_headers(headers: &mut HeaderMap, pairs: &[(&'static str, String)]) {
     }
 }
 
-/// The company's plan (the extension's default plan when the company is not registered), cached.
+/// The company's plan (the extension's default plan when the company is not registered), cached for
+/// 60 s: plans are changed by the DBA, not by this service, so there is no write here to invalidate on,
+/// and a plan change reaches requests within that TTL (plus the replica's lag).
 async fn plan_of(app: &App, company: &str) -> Result<String, Failure> {
     app.cache
         .get_or_set(company, "plan", "plan", Some(Duration::from_secs(60)), || async {
@@ -219,29 +221,42 @@ async fn list_items(
         .map_err(|error| Failure(StatusCode::BAD_REQUEST, json!({"error": error.to_string()})))
 }
 
+/// Why an item could not be served; a loader error is never cached.
+enum ItemError {
+    NotFound,
+    Database(PoolError),
+}
+
+/// One item, cached. Items are never changed once created, so a row read from a replica is never stale;
+/// an id not found there may just not have replicated yet (reads can lag by up to `max_replica_lag`),
+/// so "not found" is a loader error, answered 404 and not cached: the next request looks again.
 async fn get_item(
     State(app): State<Shared>,
     Extension(tenant): Extension<Tenant>,
     Path(id): Path<i64>,
-) -> Result<Json<Option<Item>>, Failure> {
+) -> Result<Json<Item>, Failure> {
     let item = app
         .cache
         .get_or_set(&tenant.company, "items", &id.to_string(), None, || async {
-            let connection = app.pool.read(Some(&tenant.company)).await?;
+            let connection = app.pool.read(Some(&tenant.company)).await.map_err(ItemError::Database)?;
             let row = connection
                 .query_opt(
                     "SELECT id, name, created_at::text FROM items WHERE company_id = $1 AND id = $2",
                     &[&tenant.company, &id],
                 )
-                .await?;
-            Ok::<_, PoolError>(row.map(|row| Item {
-                id: row.get(0),
-                name: row.get(1),
-                created_at: row.get(2),
-            }))
+                .await
+                .map_err(ItemError::Database)?
+                .ok_or(ItemError::NotFound)?;
+            Ok(Item { id: row.get(0), name: row.get(1), created_at: row.get(2) })
         })
-        .await?;
-    Ok(Json(item))
+        .await;
+    match item {
+        Ok(item) => Ok(Json(item)),
+        Err(ItemError::NotFound) => {
+            Err(Failure(StatusCode::NOT_FOUND, json!({"error": "no such item", "id": id})))
+        }
+        Err(ItemError::Database(error)) => Err(error.into()),
+    }
 }
 
 async fn create_item(
@@ -256,6 +271,8 @@ async fn create_item(
             &[&tenant.company, &new.name],
         )
         .await?;
+    // The namespace `get_item` caches under: a write forgets the company's cached items, so routes that
+    // change items (and lists, were they cached) never serve what was read before it.
     app.cache.invalidate_namespace(&tenant.company, "items").await;
     Ok((StatusCode::CREATED, Json(Item { id: row.get(0), name: row.get(1), created_at: row.get(2) })))
 }
@@ -331,5 +348,6 @@ async fn cache_stats(State(app): State<Shared>) -> Json<Value> {
     Json(json!({
         "hits": stats.total.hits, "misses": stats.total.misses, "errors": stats.total.errors,
         "fallback_uses": stats.total.fallback_uses, "hit_rate": stats.total.hit_rate(), "companies": per_company,
+        "other_companies": {"hits": stats.other.hits, "misses": stats.other.misses, "hit_rate": stats.other.hit_rate()},
     }))
 }
