@@ -55,7 +55,10 @@ async fn second_read_hits_and_keys_are_scoped_by_company_and_namespace() {
     assert_eq!(loads.load(Ordering::SeqCst), 3);
 
     let stats = cache.stats();
-    assert_eq!((stats.total.hits, stats.total.misses, stats.total.errors, stats.total.fallback_uses), (1, 3, 0, 0));
+    assert_eq!(
+        (stats.total.hits, stats.total.misses, stats.total.errors, stats.total.fallback_uses),
+        (1, 3, 0, 0)
+    );
     assert_eq!((stats.companies["acme"].hits, stats.companies["acme"].misses), (1, 2));
     assert!((stats.companies["acme"].hit_rate() - 1.0 / 3.0).abs() < 1e-9);
 }
@@ -68,7 +71,11 @@ async fn values_expire_with_their_ttl() {
     let (short, long) = (Duration::from_millis(300), Duration::from_secs(3600));
     assert_eq!(cache.get_or_set("acme", "n", "short", Some(short), load(1)).await.unwrap(), 1);
     assert_eq!(cache.get_or_set("acme", "n", "long", Some(long), load(1)).await.unwrap(), 1);
-    assert_eq!(cache.get_or_set("acme", "n", "long", Some(long), load(2)).await.unwrap(), 1, "within its TTL");
+    assert_eq!(
+        cache.get_or_set("acme", "n", "long", Some(long), load(2)).await.unwrap(),
+        1,
+        "within its TTL"
+    );
 
     // Redis holds each value for its own TTL: ask it rather than race the clock.
     let mut connection = redis_connection(&redis);
@@ -243,12 +250,17 @@ async fn a_value_loaded_across_an_invalidation_is_never_served() {
 async fn a_value_t_cannot_read_counts_one_error_and_one_miss() {
     let redis = Redis::start().unwrap();
     let cache = cache(&redis);
-    let number = cache.get_or_set("acme", "n", "k", None, || async { Ok::<_, std::convert::Infallible>(1u32) });
+    let number =
+        cache.get_or_set("acme", "n", "k", None, || async { Ok::<_, std::convert::Infallible>(1u32) });
     assert_eq!(number.await, Ok(1));
     // Stored as a JSON number, read as a string: reloaded and replaced.
-    let text = cache.get_or_set("acme", "n", "k", None, || async { Ok::<_, std::convert::Infallible>("one".to_string()) });
+    let text = cache.get_or_set("acme", "n", "k", None, || async {
+        Ok::<_, std::convert::Infallible>("one".to_string())
+    });
     assert_eq!(text.await.as_deref(), Ok("one"));
-    let again = cache.get_or_set("acme", "n", "k", None, || async { Ok::<_, std::convert::Infallible>("two".to_string()) });
+    let again = cache.get_or_set("acme", "n", "k", None, || async {
+        Ok::<_, std::convert::Infallible>("two".to_string())
+    });
     assert_eq!(again.await.as_deref(), Ok("one"), "the replacement is served");
     let stats = cache.stats().total;
     assert_eq!((stats.hits, stats.misses, stats.errors, stats.fallback_uses), (1, 2, 1, 0));

@@ -84,7 +84,10 @@ async fn pool_keeps_its_minimum_open_and_closes_idle_connections_above_it() {
     let held = check_out(&pool, 4).await;
     assert_eq!(pool.health().await[0].in_use, 4);
     drop(held);
-    assert!(eventually(async || backends(&primary).len() == 2).await, "idle connections above the minimum closed");
+    assert!(
+        eventually(async || backends(&primary).len() == 2).await,
+        "idle connections above the minimum closed"
+    );
     let health = pool.health().await;
     assert_eq!((health[0].size, health[0].in_use, health[0].max_size), (2, 0, 4));
 }

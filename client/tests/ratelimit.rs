@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use tenant_scale_client::RedisConfig;
-use tenant_scale_client::ratelimit::{Backend, Decision, Quota, RateLimitConfig, RateLimitError, RateLimiter};
+use tenant_scale_client::ratelimit::{
+    Backend, Decision, Quota, RateLimitConfig, RateLimitError, RateLimiter,
+};
 use tenant_scale_harness::Redis;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -14,12 +16,7 @@ fn limiter(redis: &Redis) -> RateLimiter {
 }
 
 /// Sends `n` requests of `company` on `plan`; returns how many were admitted and the last decision.
-async fn burst(
-    limiter: &RateLimiter,
-    company: &str,
-    plan: &str,
-    n: usize,
-) -> (usize, Decision) {
+async fn burst(limiter: &RateLimiter, company: &str, plan: &str, n: usize) -> (usize, Decision) {
     let mut admitted = 0;
     let mut last = None;
     for _ in 0..n {
@@ -56,7 +53,10 @@ async fn a_plan_of_500_admits_exactly_500_in_redis_and_refuses_the_501st_with_re
     let retry_after = refused.retry_after.unwrap();
     assert!(retry_after <= HOUR && retry_after > HOUR - Duration::from_secs(60), "{retry_after:?}");
     let reset_after = refused.reset_after;
-    assert!(reset_after <= HOUR * 500 && reset_after > HOUR * 500 - Duration::from_secs(60), "{reset_after:?}");
+    assert!(
+        reset_after <= HOUR * 500 && reset_after > HOUR * 500 - Duration::from_secs(60),
+        "{reset_after:?}"
+    );
 
     let reset = header_seconds(reset_after);
     assert_eq!(header(&refused, "RateLimit-Policy").as_deref(), Some("\"burst\";q=500;w=1800000"));
@@ -68,7 +68,10 @@ async fn a_plan_of_500_admits_exactly_500_in_redis_and_refuses_the_501st_with_re
 
     let other = limiter.check("globex", "burst", None).await.unwrap();
     assert_eq!((other.allowed, other.remaining), (true, 499), "every company has its own quota");
-    assert_eq!(header(&other, "RateLimit"), Some(format!("\"burst\";r=499;t={}", header_seconds(other.reset_after))));
+    assert_eq!(
+        header(&other, "RateLimit"),
+        Some(format!("\"burst\";r=499;t={}", header_seconds(other.reset_after)))
+    );
     assert_eq!(header(&other, "Retry-After"), None, "only a refusal says when to retry");
 }
 
@@ -112,7 +115,10 @@ async fn named_limiters_have_their_own_quota_whatever_the_plan() {
         limiter.check("acme", "free", Some("nope")).await,
         Err(RateLimitError::UnknownLimiter("nope".into()))
     );
-    assert_eq!(limiter.check("acme", "platinum", None).await, Err(RateLimitError::UnknownPlan("platinum".into())));
+    assert_eq!(
+        limiter.check("acme", "platinum", None).await,
+        Err(RateLimitError::UnknownPlan("platinum".into()))
+    );
 }
 
 #[tokio::test]
@@ -127,7 +133,10 @@ async fn with_redis_stopped_the_in_process_limit_is_exact_at_the_boundary() {
     let retry_after = last.retry_after.unwrap();
     assert!(retry_after <= HOUR / 5 && retry_after > HOUR / 5 - Duration::from_secs(60), "{retry_after:?}");
     assert_eq!(header(&last, "Retry-After"), Some(header_seconds(retry_after)));
-    assert_eq!(header(&last, "RateLimit"), Some(format!("\"tiny\";r=0;t={}", header_seconds(last.reset_after))));
+    assert_eq!(
+        header(&last, "RateLimit"),
+        Some(format!("\"tiny\";r=0;t={}", header_seconds(last.reset_after)))
+    );
     assert!(!limiter.health().up);
 
     redis.resume().unwrap();

@@ -131,7 +131,8 @@ fn new_generation() -> String {
     static ISSUED: AtomicU64 = AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(ISSUED.fetch_add(1, Ordering::Relaxed));
-    hasher.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    hasher
+        .write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
     format!("{:016x}", hasher.finish())
 }
 
@@ -445,7 +446,8 @@ mod tests {
         });
         assert!(tokio::time::timeout(Duration::from_millis(50), slow).await.is_err(), "cancelled");
         assert!(locked(&cache.flights).is_empty(), "{:?}", locked(&cache.flights).keys());
-        let value = cache.get_or_set("acme", "n", "k", None, || async { Ok::<_, std::convert::Infallible>(2u32) });
+        let value =
+            cache.get_or_set("acme", "n", "k", None, || async { Ok::<_, std::convert::Infallible>(2u32) });
         assert_eq!(value.await, Ok(2), "the next call is not held up by the cancelled one");
         assert!(locked(&cache.flights).is_empty());
     }

@@ -111,7 +111,11 @@ mod tests {
         recorder.record("new", Event::Hit);
         let stats = recorder.snapshot();
         assert_eq!(stats.companies.len(), MAX_COMPANIES);
-        assert_eq!((stats.companies["0"].hits, stats.companies["0"].misses), (1, 1), "the first seen keep theirs");
+        assert_eq!(
+            (stats.companies["0"].hits, stats.companies["0"].misses),
+            (1, 1),
+            "the first seen keep theirs"
+        );
         assert!(!stats.companies.contains_key("new"));
         assert_eq!((stats.other.hits, stats.other.misses), (1, 5));
         assert_eq!((stats.total.hits, stats.total.misses), (2, MAX_COMPANIES as u64 + 5));

@@ -239,10 +239,9 @@ impl RateLimiter {
     ) -> Result<Decision, RateLimitError> {
         let (policy, Policy { quota, rate }) = match limiter {
             None => (plan, *self.plans.get(plan).ok_or_else(|| RateLimitError::UnknownPlan(plan.into()))?),
-            Some(name) => (
-                name,
-                *self.limiters.get(name).ok_or_else(|| RateLimitError::UnknownLimiter(name.into()))?,
-            ),
+            Some(name) => {
+                (name, *self.limiters.get(name).ok_or_else(|| RateLimitError::UnknownLimiter(name.into()))?)
+            }
         };
         let key = scoped_key("rl", &[policy, company]);
         let from_redis = self
@@ -349,7 +348,10 @@ mod tests {
             (Quota::new(0, second), "the limit must be at least 1 request"),
             (Quota::new(5, Duration::ZERO), "the period must be at least 1 microsecond"),
             (Quota::new(5, Duration::from_nanos(999)), "the period must be at least 1 microsecond"),
-            (Quota::new(11, Duration::from_micros(10)), "more than one request per microsecond cannot be timed"),
+            (
+                Quota::new(11, Duration::from_micros(10)),
+                "more than one request per microsecond cannot be timed",
+            ),
             (Quota::new(u64::MAX, second), "more than one request per microsecond cannot be timed"),
             (Quota::new(1, MAX_PERIOD + Duration::from_micros(1)), "the period must be at most 50 years"),
             (Quota::new(u64::MAX, Duration::MAX), "the period must be at most 50 years"),
@@ -376,7 +378,8 @@ mod tests {
 
     #[test]
     fn a_bad_redis_url_is_an_error_naming_the_url() {
-        let error = RateLimiter::new(RedisConfig::new("http://nowhere"), RateLimitConfig::default()).err().unwrap();
+        let error =
+            RateLimiter::new(RedisConfig::new("http://nowhere"), RateLimitConfig::default()).err().unwrap();
         assert!(matches!(error, RateLimitError::Redis(_)), "{error:?}");
         assert!(error.to_string().starts_with("invalid REDIS_URL \"http://nowhere\": "), "{error}");
     }
