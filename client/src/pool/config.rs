@@ -35,6 +35,12 @@ pub struct PoolConfig {
     /// A connection is closed and replaced after serving this many checkouts (7,500), which bounds the
     /// memory a long-lived backend accumulates in its caches.
     pub recycle_after_uses: u32,
+    /// A replica whose replay lag (the extension's `replica_status()`) is above this serves no reads (5 s).
+    pub max_replica_lag: Duration,
+    /// How often every node is checked in the background (2 s).
+    pub replica_check_interval: Duration,
+    /// How long a replica that failed to hand out a connection serves no reads (10 s).
+    pub replica_ban: Duration,
 }
 
 /// A configuration value that is missing or unusable; the message names the variable.
@@ -61,6 +67,9 @@ impl PoolConfig {
             connect_timeout: Duration::from_secs(2),
             wait_timeout: Duration::from_secs(5),
             recycle_after_uses: 7_500,
+            max_replica_lag: Duration::from_secs(5),
+            replica_check_interval: Duration::from_secs(2),
+            replica_ban: Duration::from_secs(10),
         })
     }
 
