@@ -165,6 +165,9 @@ impl Refusal {
 /// A listing resolved against the catalogs: everything but the position.
 struct ResolvedListing {
     relation_sql: String,
+    /// The columns of the row objects, and the select list that reads them (see jsonb.rs).
+    row_columns: Vec<jsonb::RowColumn>,
+    row_sql: String,
     keys: Vec<SortKey>,
     key_columns: Vec<KeyColumn>,
     filter: Vec<FilterTerm>,
@@ -191,15 +194,16 @@ struct Request {
 /// Up to page_size + 1 rows in scan order, and the statements and arguments that fetch them.
 struct Scan {
     forward: bool,
+    row_width: usize,
     key_count: usize,
     statements: Vec<String>,
     args: Vec<(pg_sys::Datum, pg_sys::Oid)>,
 }
 
-/// A fetched row: the row as jsonb and its sort-key values (`None` for NULL), which stay valid until
-/// the SPI connection that fetched them closes.
+/// A fetched row: its column values as the page statement reads them and its sort-key values (`None`
+/// for NULL), which stay valid until the SPI connection that fetched them closes.
 struct Row {
-    data: Option<pg_sys::Datum>,
+    data: Vec<Option<pg_sys::Datum>>,
     key: Vec<Option<pg_sys::Datum>>,
 }
 
@@ -283,8 +287,11 @@ impl Request {
             prev_cursor: prev_cursor.as_deref(),
         };
         // SAFETY: `memory` is the calling function's context, alive after the switch; the row datums are
-        // jsonb values of tuples this SPI connection still holds.
-        Ok(unsafe { memory.switch_to(|_| jsonb::page(rows.iter().map(|row| row.data), &tail)) })
+        // values of tuples this SPI connection still holds, read by the statement for their forms.
+        let columns = &self.listing.row_columns;
+        Ok(unsafe {
+            memory.switch_to(|_| jsonb::page(rows.iter().map(|row| row.data.as_slice()), columns, &tail))
+        })
     }
 }
 
@@ -401,8 +408,24 @@ impl ResolvedListing {
 
         let order: Vec<OrderItem> = keys.iter().map(|key| key.item.clone()).collect();
         let fingerprint = cursor::fingerprint(relation.oid().to_u32(), &order, &canonical);
+        let read_as_is: Vec<Option<jsonb::ValueForm>> =
+            columns.iter().map(|column| jsonb::ValueForm::of_type(column.type_oid)).collect();
+        let idents: Vec<String> = columns.iter().map(|column| catalog::quote_ident(&column.name)).collect();
+        let row_sql = query::row_select_list(
+            idents.iter().zip(&read_as_is).map(|(ident, form)| (ident.as_str(), form.is_none())),
+        );
+        let row_columns = columns
+            .into_iter()
+            .zip(read_as_is)
+            .map(|(column, form)| jsonb::RowColumn {
+                name: column.name,
+                form: form.unwrap_or(jsonb::ValueForm::Jsonb),
+            })
+            .collect();
         ResolvedListing {
             relation_sql: catalog::qualified_name(relation),
+            row_columns,
+            row_sql,
             keys,
             key_columns,
             filter: filter_terms,
@@ -416,8 +439,13 @@ impl ResolvedListing {
     fn scan(&self, forward: bool, key: Option<&[Option<String>]>, page_size: usize) -> Scan {
         let keys: Vec<SortKey> =
             if forward { self.keys.clone() } else { self.keys.iter().map(SortKey::reversed).collect() };
-        let listing =
-            Listing { relation: &self.relation_sql, keys: &keys, filter: &self.filter, limit: page_size + 1 };
+        let listing = Listing {
+            relation: &self.relation_sql,
+            row: &self.row_sql,
+            keys: &keys,
+            filter: &self.filter,
+            limit: page_size + 1,
+        };
         let mut args = self.filter_args.clone();
         let statements = match key {
             None => vec![listing.first_rows()],
@@ -436,7 +464,7 @@ impl ResolvedListing {
                 listing.after_key(&params)
             }
         };
-        Scan { forward, key_count: self.keys.len(), statements, args }
+        Scan { forward, row_width: self.row_columns.len(), key_count: self.keys.len(), statements, args }
     }
 }
 
@@ -506,9 +534,12 @@ impl Scan {
             let plan = kept_plan(client, sql, &types)?;
             let mut table = client.select(&*plan, Some(missing as i64), &args)?;
             while table.next().is_some() {
-                let data = table.get_datum_by_ordinal(1)?;
+                // Ordinals count from 1: the row's columns, then the sort keys.
+                let data = (1..=self.row_width)
+                    .map(|ordinal| table.get_datum_by_ordinal(ordinal))
+                    .collect::<SpiResult<_>>()?;
                 let key = (0..self.key_count)
-                    .map(|index| table.get_datum_by_ordinal(index + 2))
+                    .map(|index| table.get_datum_by_ordinal(self.row_width + 1 + index))
                     .collect::<SpiResult<_>>()?;
                 rows.push(Row { data, key });
             }

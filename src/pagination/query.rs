@@ -21,8 +21,23 @@
 
 use super::order::OrderItem;
 
-/// Alias of the paged relation in every statement; the row goes out as `to_jsonb(alias.*)`.
+/// Alias of the paged relation in every statement.
 const ALIAS: &str = "keyset_row";
+
+/// The select list of a row's columns (quoted identifiers, in order), each read as it is or, where
+/// `by_to_jsonb`, converted by `to_jsonb` (see jsonb.rs).
+pub(crate) fn row_select_list<'a>(columns: impl Iterator<Item = (&'a str, bool)>) -> String {
+    let items: Vec<String> = columns
+        .map(|(ident, by_to_jsonb)| {
+            if by_to_jsonb {
+                format!("pg_catalog.to_jsonb({ALIAS}.{ident})")
+            } else {
+                format!("{ALIAS}.{ident}")
+            }
+        })
+        .collect();
+    items.join(", ")
+}
 
 /// One sort key of the listing, resolved against the relation.
 #[derive(Clone, Debug)]
@@ -86,6 +101,8 @@ pub(crate) struct FilterTerm {
 pub(crate) struct Listing<'a> {
     /// `schema.relation`, quoted.
     pub relation: &'a str,
+    /// The row's select list (`row_select_list`).
+    pub row: &'a str,
     /// Sort keys in scan order (reversed when walking backwards).
     pub keys: &'a [SortKey],
     pub filter: &'a [FilterTerm],
@@ -148,11 +165,7 @@ impl Listing<'_> {
         let keys: Vec<String> = self.keys.iter().map(SortKey::column).collect();
         let order: Vec<String> =
             self.keys.iter().map(|key| format!("{} {}", key.column(), key.item.direction_sql())).collect();
-        let mut sql = format!(
-            "SELECT pg_catalog.to_jsonb({ALIAS}.*), {} FROM {} AS {ALIAS}",
-            keys.join(", "),
-            self.relation
-        );
+        let mut sql = format!("SELECT {}, {} FROM {} AS {ALIAS}", self.row, keys.join(", "), self.relation);
         if !conditions.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&conditions.join(" AND "));
@@ -192,12 +205,14 @@ mod tests {
     fn one_direction_without_nulls_seeks_with_a_row_comparison() {
         let keys = [key("a", true, true, true), key("id", true, true, true)];
         let filter = [FilterTerm { ident: "company".to_string(), equal: "=".to_string(), param: Some(1) }];
-        let listing = Listing { relation: "public.t", keys: &keys, filter: &filter, limit: 21 };
+        let row = row_select_list([("id", false), ("\"Tags\"", true)].into_iter());
+        let listing = Listing { relation: "public.t", row: &row, keys: &keys, filter: &filter, limit: 21 };
         let statements = listing.after_key(&[Some(2), Some(3)]);
         assert_eq!(
             statements,
             vec![
-                "SELECT pg_catalog.to_jsonb(keyset_row.*), keyset_row.a, keyset_row.id FROM public.t AS keyset_row \
+                "SELECT keyset_row.id, pg_catalog.to_jsonb(keyset_row.\"Tags\"), keyset_row.a, keyset_row.id \
+                 FROM public.t AS keyset_row \
                  WHERE keyset_row.company = $1 AND ROW(keyset_row.a, keyset_row.id) < ROW($2, $3) \
                  ORDER BY keyset_row.a DESC NULLS FIRST, keyset_row.id DESC NULLS FIRST LIMIT 21"
                     .to_string()
@@ -208,7 +223,7 @@ mod tests {
     #[test]
     fn mixed_directions_expand_into_ordered_disjuncts() {
         let keys = [key("a", false, false, true), key("id", true, true, true)];
-        let listing = Listing { relation: "t", keys: &keys, filter: &[], limit: 8 };
+        let listing = Listing { relation: "t", row: "keyset_row.id", keys: &keys, filter: &[], limit: 8 };
         assert_eq!(where_clauses(&listing.after_key(&[Some(1), Some(2)])), ["a = $1 AND id < $2", "a > $1"]);
     }
 
@@ -217,7 +232,7 @@ mod tests {
         // a ASC NULLS LAST (nullable), b DESC NULLS FIRST (nullable), id ASC (not null).
         let keys =
             [key("a", false, false, false), key("b", true, true, false), key("id", false, false, true)];
-        let listing = Listing { relation: "t", keys: &keys, filter: &[], limit: 8 };
+        let listing = Listing { relation: "t", row: "keyset_row.id", keys: &keys, filter: &[], limit: 8 };
         assert_eq!(
             where_clauses(&listing.after_key(&[Some(1), Some(2), Some(3)])),
             ["a = $1 AND b = $2 AND id > $3", "a = $1 AND b < $2", "a > $1", "a IS NULL"]
@@ -236,7 +251,7 @@ mod tests {
             .iter()
             .map(SortKey::reversed)
             .collect();
-        let listing = Listing { relation: "t", keys: &keys, filter: &[], limit: 8 };
+        let listing = Listing { relation: "t", row: "keyset_row.id", keys: &keys, filter: &[], limit: 8 };
         let statements = listing.after_key(&[Some(1), Some(2)]);
         assert_eq!(where_clauses(&statements), ["a = $1 AND id < $2", "a < $1"]);
         assert!(
@@ -258,9 +273,9 @@ mod tests {
             FilterTerm { ident: "company".to_string(), equal: "=".to_string(), param: Some(1) },
             FilterTerm { ident: "deleted_at".to_string(), equal: "=".to_string(), param: None },
         ];
-        let listing = Listing { relation: "t", keys: &keys, filter: &filter, limit: 3 };
+        let listing = Listing { relation: "t", row: "keyset_row.id", keys: &keys, filter: &filter, limit: 3 };
         assert_eq!(where_clauses(&[listing.first_rows()]), ["company = $1 AND deleted_at IS NULL"]);
-        let unfiltered = Listing { relation: "t", keys: &keys, filter: &[], limit: 3 };
+        let unfiltered = Listing { relation: "t", row: "keyset_row.id", keys: &keys, filter: &[], limit: 3 };
         assert!(!unfiltered.first_rows().contains("WHERE"));
     }
 }

@@ -152,6 +152,51 @@ fn walking_pages_both_ways_returns_exactly_the_order_by_rows_with_duplicates_and
     }
 }
 
+/// keyset_page converts the common types itself and leaves the others to to_jsonb (see
+/// src/pagination/jsonb.rs): either way each row must be exactly, as text, the object to_jsonb makes.
+#[test]
+fn rows_of_every_kind_of_column_are_exactly_what_to_jsonb_makes() {
+    let cluster = Cluster::builder().start().unwrap();
+    let mut client = cluster.connect().unwrap();
+    client
+        .batch_execute(
+            r#"CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+               CREATE TYPE pair AS (x int, y text);
+               CREATE TABLE typed (
+                   id int PRIMARY KEY, gone int, small int2, big int8, amount numeric, cut numeric(6, 2),
+                   flag bool, note text, "Mixed Case" varchar(12), padded char(4), day date,
+                   at timestamp, at_tz timestamptz, doc jsonb, raw json, ratio float8, tags int[],
+                   count positive, ident uuid, span interval, both_parts pair,
+                   twice int4 GENERATED ALWAYS AS (small * 2) STORED);
+               ALTER TABLE typed DROP COLUMN gone;
+               INSERT INTO typed (id) VALUES (1);
+               INSERT INTO typed VALUES
+                 (2, -32768, 9223372036854775807, 'NaN', 1.5, true, '', 'x', 'ab', '2024-02-29', '2024-01-01 00:00:00.000001',
+                  '2024-06-01 12:00+02', '{"b": [1, {"c": null}], "a": "é"}', '{"b": 1, "a": 2, "a": 3}', 'NaN',
+                  '{1,NULL,3}', 1, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '1 day 2 hours', ROW(1, 'one')),
+                 (3, 32767, -9223372036854775808, 'Infinity', -0.01, false, 'quote " back \ tab	é 😀', 'Ünïcode', NULL,
+                  'infinity', '-infinity', 'infinity', '"just a string"', '[1, 2]', 'Infinity', '{}', 2, NULL,
+                  '-1 month', ROW(NULL, NULL)),
+                 (4, 0, 0, '-Infinity', 0, NULL, repeat('long ', 2000), NULL, 'abcd', '-infinity', NULL, '-infinity',
+                  '12.50', 'null', 1e300, NULL, NULL, NULL, NULL, NULL),
+                 (5, 1, 1, '12345678901234567890.000000000000000001', 1234.56, true, NULL, '', NULL, '0001-01-01 BC',
+                  '2000-01-01', '1999-12-31 23:59:59.999999+00', 'null', NULL, 0.1, '{{1,2},{3,4}}', NULL, NULL, NULL,
+                  NULL);
+               SET TIME ZONE 'America/New_York';"#,
+        )
+        .unwrap();
+    let (page, expected): (String, String) = client
+        .query_one(
+            "SELECT (tenant_scale.keyset_page('typed', ARRAY['id'], 100) -> 'data')::text,
+                    (SELECT jsonb_agg(to_jsonb(t) ORDER BY id) FROM typed t)::text",
+            &[],
+        )
+        .map(|row| (row.get(0), row.get(1)))
+        .unwrap();
+    assert_eq!(page, expected);
+    assert!(page.contains(r#""amount": "NaN""#) && page.contains(r#""cut": 1.50"#), "{page}");
+}
+
 #[test]
 fn tampered_foreign_and_injected_arguments_get_22023_and_never_other_rows() {
     let cluster = Cluster::builder().start().unwrap();
