@@ -53,12 +53,22 @@ enum Running {
     Utility,
 }
 
-thread_local! {
-    static STACK: RefCell<Vec<Running>> = const { RefCell::new(Vec::new()) };
+/// This backend's running statements; one thread-local, so that a hook looks it up once.
+#[derive(Default)]
+struct Statements {
+    stack: Vec<Running>,
     /// (subtransaction, stack depth when it started), innermost last.
-    static SUBTRANSACTIONS: RefCell<Vec<(pg_sys::SubTransactionId, usize)>> = const { RefCell::new(Vec::new()) };
+    subtransactions: Vec<(pg_sys::SubTransactionId, usize)>,
     /// Upserts between ExecutorStart and ExecutorFinish, by QueryDesc address, with their notes.
-    static UPSERTS: RefCell<FxHashMap<usize, FxHashMap<Vec<u8>, UpsertEntry>>> = RefCell::new(FxHashMap::default());
+    upserts: FxHashMap<usize, FxHashMap<Vec<u8>, UpsertEntry>>,
+}
+
+thread_local! {
+    static STATEMENTS: RefCell<Statements> = RefCell::new(Statements::default());
+}
+
+fn with_statements<R>(f: impl FnOnce(&mut Statements) -> R) -> R {
+    STATEMENTS.with(|statements| f(&mut statements.borrow_mut()))
 }
 
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
@@ -92,27 +102,28 @@ pub(super) fn in_upsert() -> bool {
 /// False when a trigger fires inside a statement the hooks never saw start: the library was loaded
 /// in the middle of it (possible only when it is not preloaded).
 pub(super) fn executor_hooks_saw_statement() -> bool {
-    STACK.with(|stack| !stack.borrow().is_empty())
+    with_statements(|statements| !statements.stack.is_empty())
 }
 
 fn current_upsert() -> Option<usize> {
-    // Most statements are no upsert: then the map is empty and the stack is not even looked at.
-    if UPSERTS.with(|upserts| upserts.borrow().is_empty()) {
-        return None;
-    }
-    let top = STACK.with(|stack| match stack.borrow().last() {
-        Some(Running::Query(query)) => Some(*query as usize),
-        _ => None,
-    })?;
-    UPSERTS.with(|upserts| upserts.borrow().contains_key(&top)).then_some(top)
+    with_statements(|statements| {
+        // Most statements are no upsert: then the map is empty and the stack is not even looked at.
+        if statements.upserts.is_empty() {
+            return None;
+        }
+        let top = match statements.stack.last() {
+            Some(Running::Query(query)) => *query as usize,
+            _ => return None,
+        };
+        statements.upserts.contains_key(&top).then_some(top)
+    })
 }
 
 /// Notes a row change of the current upsert (callers check `in_upsert` first).
 pub(super) fn note(key: &[u8], def: &Rc<QuotaDef>, company: &str, noted: Noted) {
     let Some(query) = current_upsert() else { return };
-    UPSERTS.with(|upserts| {
-        let mut upserts = upserts.borrow_mut();
-        let Some(entries) = upserts.get_mut(&query) else { return };
+    with_statements(|statements| {
+        let Some(entries) = statements.upserts.get_mut(&query) else { return };
         let entry = entries.entry(key.to_vec()).or_insert_with(|| UpsertEntry {
             key: key.to_vec(),
             def: def.clone(),
@@ -131,42 +142,54 @@ pub(super) fn note(key: &[u8], def: &Rc<QuotaDef>, company: &str, noted: Noted) 
 
 /// Forgets everything about running statements (the transaction ended).
 pub(super) fn reset() {
-    STACK.with(|stack| stack.borrow_mut().clear());
-    SUBTRANSACTIONS.with(|starts| starts.borrow_mut().clear());
-    UPSERTS.with(|upserts| upserts.borrow_mut().clear());
+    with_statements(|statements| {
+        statements.stack.clear();
+        statements.subtransactions.clear();
+        statements.upserts.clear();
+    });
 }
 
 /// A subtransaction started: remember how deep the stack was, for its abort.
 pub(super) fn subtransaction_started(subtransaction: pg_sys::SubTransactionId) {
-    let depth = STACK.with(|stack| stack.borrow().len());
-    SUBTRANSACTIONS.with(|starts| starts.borrow_mut().push((subtransaction, depth)));
+    with_statements(|statements| {
+        let depth = statements.stack.len();
+        statements.subtransactions.push((subtransaction, depth));
+    });
 }
 
 pub(super) fn subtransaction_committed(subtransaction: pg_sys::SubTransactionId) {
-    SUBTRANSACTIONS.with(|starts| starts.borrow_mut().retain(|(started, _)| *started != subtransaction));
+    with_statements(|statements| {
+        statements.subtransactions.retain(|(started, _)| *started != subtransaction)
+    });
 }
 
 /// A subtransaction aborted: the statements it was running ended with an error that skipped the
 /// hooks' own popping (see hook_chain.rs), so the stack goes back to where it was when it started.
 pub(super) fn subtransaction_aborted(subtransaction: pg_sys::SubTransactionId) {
-    let depth = SUBTRANSACTIONS.with(|starts| {
-        let mut starts = starts.borrow_mut();
-        let position = starts.iter().position(|(started, _)| *started == subtransaction)?;
-        let depth = starts[position].1;
-        starts.truncate(position);
-        Some(depth)
+    with_statements(|statements| {
+        let starts = &mut statements.subtransactions;
+        if let Some(position) = starts.iter().position(|(started, _)| *started == subtransaction) {
+            let depth = starts[position].1;
+            starts.truncate(position);
+            statements.stack.truncate(depth);
+        }
     });
-    if let Some(depth) = depth {
-        STACK.with(|stack| stack.borrow_mut().truncate(depth));
-    }
 }
 
 fn push(running: Running) {
-    STACK.with(|stack| stack.borrow_mut().push(running));
+    with_statements(|statements| statements.stack.push(running));
 }
 
 fn pop() {
-    STACK.with(|stack| stack.borrow_mut().pop());
+    with_statements(|statements| statements.stack.pop());
+}
+
+/// The notes of `query` if it is a running upsert, which it no longer is.
+fn forget_upsert(query: *mut pg_sys::QueryDesc) -> Option<FxHashMap<Vec<u8>, UpsertEntry>> {
+    with_statements(|statements| {
+        let upserts = &mut statements.upserts;
+        if upserts.is_empty() { None } else { upserts.remove(&(query as usize)) }
+    })
 }
 
 /// Whether a plan inserts with ON CONFLICT anywhere (top level or in a writable CTE).
@@ -197,9 +220,12 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     // A QueryDesc address can be reused by a later query: whatever was noted under it is stale.
     // SAFETY: a started query has its planned statement.
     let upsert = unsafe { has_on_conflict((*query).plannedstmt) };
-    UPSERTS.with(|upserts| {
-        let mut upserts = upserts.borrow_mut();
-        upserts.remove(&(query as usize));
+    with_statements(|statements| {
+        let upserts = &mut statements.upserts;
+        // Most statements are no upsert and none is running: nothing to forget or note.
+        if !upserts.is_empty() {
+            upserts.remove(&(query as usize));
+        }
         if upsert {
             upserts.insert(query as usize, FxHashMap::default());
         }
@@ -240,7 +266,7 @@ unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
     unsafe { hook_chain::executor_finish(PREV_EXECUTOR_FINISH, query) };
     pop();
     // The upsert (writable CTEs included) has run to the end: settle what it noted.
-    let noted = UPSERTS.with(|upserts| upserts.borrow_mut().remove(&(query as usize)));
+    let noted = forget_upsert(query);
     if let Some(entries) = noted.filter(|entries| !entries.is_empty()) {
         // SAFETY: the estate of a query between ExecutorStart and ExecutorEnd is valid.
         let command_id = unsafe { (*(*query).estate).es_output_cid };
@@ -250,7 +276,7 @@ unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
-    UPSERTS.with(|upserts| upserts.borrow_mut().remove(&(query as usize)));
+    forget_upsert(query);
     // SAFETY: chaining with PostgreSQL's own argument.
     unsafe { hook_chain::executor_end(PREV_EXECUTOR_END, query) };
 }

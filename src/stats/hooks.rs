@@ -35,7 +35,7 @@ use pgrx::prelude::*;
 use super::counters::Interval;
 use super::table::{self, CompanyKey};
 use super::{COMPANY, TRACK, Track};
-use crate::hook_chain;
+use crate::{hook_chain, unguarded};
 
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_EXECUTOR_RUN: pg_sys::ExecutorRun_hook_type = None;
@@ -167,8 +167,8 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
         let capture = Capture {
             query,
             attribution,
-            started: pg_sys::GetCurrentStatementStartTimestamp(),
-            xact_level: pg_sys::GetCurrentTransactionNestLevel(),
+            started: unguarded::statement_start(),
+            xact_level: unguarded::transaction_nest_level(),
         };
         BACKEND.with(|backend| backend.captures.borrow_mut().push(capture));
     }
@@ -329,8 +329,7 @@ fn note_error() {
         if let (Some(Attribution::Company(key)), Ok(mut pending)) =
             (attribution, backend.pending_errors.try_borrow_mut())
         {
-            // SAFETY: reads a backend-local timestamp.
-            pending.push((key, unsafe { pg_sys::GetCurrentStatementStartTimestamp() }));
+            pending.push((key, unguarded::statement_start()));
         }
     });
 }
@@ -349,8 +348,7 @@ fn flush_pending_errors() {
 
 /// Has `intervals` applied to the snapshot baselines if, and only if, the current transaction commits.
 pub(super) fn commit_with_transaction(intervals: Vec<(CompanyKey, Interval)>) {
-    // SAFETY: reads the current transaction's nesting level.
-    let xact_level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
+    let xact_level = unguarded::transaction_nest_level();
     BACKEND.with(|backend| {
         backend.pending_snapshots.borrow_mut().push(PendingSnapshot { xact_level, intervals })
     });
@@ -402,8 +400,8 @@ unsafe extern "C-unwind" fn subxact_callback(
     _parent: pg_sys::SubTransactionId,
     _arg: *mut c_void,
 ) {
-    // SAFETY: the callback runs inside the subtransaction that is ending.
-    let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
+    // The callback runs inside the subtransaction that is ending.
+    let level = unguarded::transaction_nest_level();
     match event {
         pg_sys::SubXactEvent::SUBXACT_EVENT_START_SUB => {
             BACKEND.with(|backend| backend.subxact_nesting.borrow_mut().push(backend.nesting.get()));

@@ -31,6 +31,7 @@ use pgrx::spinlock::PgSpinLock;
 
 use super::counters::{Counters, INITIAL_USAGE, Interval, Summary, USAGE_DECAY};
 use crate::shmem::Region;
+use crate::unguarded;
 
 /// Longest company id: PostgreSQL's identifier length, long enough for UUIDs and slugs.
 pub(super) const COMPANY_ID_MAX_BYTES: usize = 63;
@@ -166,8 +167,9 @@ struct Locked<'a>(&'a Shared);
 
 impl Shared {
     fn lock(&self, mode: pg_sys::LWLockMode::Type) -> Locked<'_> {
-        // SAFETY: the lock was initialised by the postmaster; PostgreSQL releases LWLocks on error.
-        unsafe { pg_sys::LWLockAcquire(self.lock, mode) };
+        // SAFETY: the lock was initialised by the postmaster and is not held yet (no function here
+        // takes it twice); the guard releases it.
+        unsafe { unguarded::acquire_lock(self.lock, mode) };
         Locked(self)
     }
 
@@ -175,15 +177,7 @@ impl Shared {
     fn find(&self, _held: &Locked<'_>, key: &CompanyKey) -> Option<&Entry> {
         // SAFETY: a FIND never modifies the table; entries live until removed under the exclusive lock,
         // which cannot happen while the caller holds the lock.
-        unsafe {
-            let found = pg_sys::hash_search(
-                self.hash,
-                std::ptr::from_ref(key).cast(),
-                pg_sys::HASHACTION::HASH_FIND,
-                std::ptr::null_mut(),
-            );
-            found.cast::<Entry>().as_ref()
-        }
+        unsafe { unguarded::hash_find(self.hash, key).cast::<Entry>().as_ref() }
     }
 
     /// Every entry; the caller holds the lock in either mode.
@@ -264,7 +258,7 @@ impl Shared {
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         // SAFETY: acquired in Shared::lock.
-        unsafe { pg_sys::LWLockRelease(self.0.lock) };
+        unsafe { unguarded::release_lock(self.0.lock) };
     }
 }
 
