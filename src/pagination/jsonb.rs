@@ -148,15 +148,8 @@ unsafe fn json_value(form: ValueForm, datum: pg_sys::Datum) -> pg_sys::JsonbValu
     unsafe {
         match form {
             ValueForm::Integer(type_oid) => {
-                // The fmgr functions rather than int64_to_numeric, which PostgreSQL 13 does not export.
-                let to_numeric: unsafe fn(pg_sys::FunctionCallInfo) -> pg_sys::Datum = match type_oid {
-                    pg_sys::INT2OID => pg_sys::int2_numeric,
-                    pg_sys::INT4OID => pg_sys::int4_numeric,
-                    _ => pg_sys::int8_numeric,
-                };
                 let mut value = scalar(jbvType::jbvNumeric);
-                let numeric = pgrx::direct_function_call_as_datum(to_numeric, &[Some(datum)]);
-                value.val.numeric = numeric.expect("intN_numeric returns a value").cast_mut_ptr();
+                value.val.numeric = integer_to_numeric(type_oid, datum);
                 value
             }
             ValueForm::Numeric => {
@@ -203,6 +196,29 @@ unsafe fn json_value(form: ValueForm, datum: pg_sys::Datum) -> pg_sys::JsonbValu
             }
         }
     }
+}
+
+/// An int2, int4 or int8 datum as a numeric (DatumGetInt16/32/64 are truncations of the word).
+#[cfg(not(feature = "pg13"))]
+unsafe fn integer_to_numeric(type_oid: pg_sys::Oid, datum: pg_sys::Datum) -> pg_sys::Numeric {
+    let integer = match type_oid {
+        pg_sys::INT2OID => i64::from(datum.value() as i16),
+        pg_sys::INT4OID => i64::from(datum.value() as i32),
+        _ => datum.value() as i64,
+    };
+    unsafe { pg_sys::int64_to_numeric(integer) }
+}
+
+/// PostgreSQL 13 does not export int64_to_numeric: its SQL-callable casts instead.
+#[cfg(feature = "pg13")]
+unsafe fn integer_to_numeric(type_oid: pg_sys::Oid, datum: pg_sys::Datum) -> pg_sys::Numeric {
+    let to_numeric: unsafe fn(pg_sys::FunctionCallInfo) -> pg_sys::Datum = match type_oid {
+        pg_sys::INT2OID => pg_sys::int2_numeric,
+        pg_sys::INT4OID => pg_sys::int4_numeric,
+        _ => pg_sys::int8_numeric,
+    };
+    let numeric = unsafe { pgrx::direct_function_call_as_datum(to_numeric, &[Some(datum)]) };
+    numeric.expect("intN_numeric returns a value").cast_mut_ptr()
 }
 
 /// NaN or an infinity: the sign bits of a numeric's first header word say "special" (NUMERIC_SPECIAL
