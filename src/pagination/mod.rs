@@ -533,6 +533,9 @@ impl Scan {
             }
             let plan = kept_plan(client, sql, &types)?;
             let fetched = client.select(&*plan, Some(missing as i64), &args)?.len();
+            if fetched == 0 {
+                continue;
+            }
             // Each row's values are read in one heap_deform_tuple call: pgrx's row iterator makes two
             // guarded calls per value and its accessors a third, a third of a page's cost.
             // SAFETY: `select` has just left its `fetched` rows in SPI_tuptable, whose tuples stay
