@@ -13,6 +13,7 @@ mod pagination;
 mod quota;
 mod replica;
 mod shmem;
+mod statements;
 mod stats;
 mod unguarded;
 
@@ -32,7 +33,8 @@ pub extern "C-unwind" fn _PG_init() {
     reserve_guc_prefix();
     quota::register_shared_memory();
     stats::register_shared_memory();
-    quota::install_hooks();
+    statements::install();
+    quota::register_callbacks();
     stats::install_hooks();
     stats::register_worker();
 }

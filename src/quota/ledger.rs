@@ -566,32 +566,27 @@ unsafe extern "C-unwind" fn subtransaction_event(
     _arg: *mut std::ffi::c_void,
 ) {
     match event {
-        pg_sys::SubXactEvent::SUBXACT_EVENT_START_SUB => statement::subtransaction_started(subtransaction),
-        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
-            statement::subtransaction_committed(subtransaction);
-            LEDGER.with(|ledger| {
-                let mut ledger = ledger.borrow_mut();
-                for slot in ledger.active.clone() {
-                    let touch = ledger.touch(slot);
-                    if touch.origin == subtransaction {
-                        touch.origin = parent;
-                    }
-                    if touch.frames.last().is_some_and(|frame| frame.subtransaction == subtransaction) {
-                        let frame = touch.frames.pop().expect("checked above");
-                        let merged = touch.frame(parent);
-                        merged.inserted += frame.inserted;
-                        merged.deleted += frame.deleted;
-                    }
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => LEDGER.with(|ledger| {
+            let mut ledger = ledger.borrow_mut();
+            for slot in ledger.active.clone() {
+                let touch = ledger.touch(slot);
+                if touch.origin == subtransaction {
+                    touch.origin = parent;
                 }
-                for (_, truncated_in) in ledger.truncations.iter_mut() {
-                    if *truncated_in == subtransaction {
-                        *truncated_in = parent;
-                    }
+                if touch.frames.last().is_some_and(|frame| frame.subtransaction == subtransaction) {
+                    let frame = touch.frames.pop().expect("checked above");
+                    let merged = touch.frame(parent);
+                    merged.inserted += frame.inserted;
+                    merged.deleted += frame.deleted;
                 }
-            })
-        }
+            }
+            for (_, truncated_in) in ledger.truncations.iter_mut() {
+                if *truncated_in == subtransaction {
+                    *truncated_in = parent;
+                }
+            }
+        }),
         pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
-            statement::subtransaction_aborted(subtransaction);
             counters::abandon_build();
             LEDGER.with(|ledger| {
                 let mut ledger = ledger.borrow_mut();

@@ -30,6 +30,8 @@ mod slow;
 mod statement;
 mod trigger;
 
+pub(crate) use statement::{statement_ending, statement_finished, statement_started};
+
 pgrx::extension_sql_file!("../../sql/quota.sql", name = "quota_tables");
 pgrx::extension_sql_file!(
     "../../sql/quota_privileges.sql",
@@ -54,8 +56,8 @@ pub(crate) fn register_shared_memory() {
     counters::REGION.register();
 }
 
-pub(crate) fn install_hooks() {
+/// The relcache and transaction callbacks; the executor hooks are crate::statements'.
+pub(crate) fn register_callbacks() {
     config::register_invalidation_callback();
     ledger::register_callbacks();
-    statement::install_hooks();
 }

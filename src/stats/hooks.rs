@@ -1,17 +1,13 @@
-//! Where statements are observed: executor hooks (calls, time, rows), ProcessUtility (nesting only),
-//! emit_log_hook (errors) and transaction callbacks (flushing errors, committing snapshot baselines).
+//! Where statements are observed: their start and end (calls, time, rows), called from the executor
+//! hooks of crate::statements, whose stack also gives each statement's nesting depth; emit_log_hook
+//! (errors) and transaction callbacks (flushing errors, committing snapshot baselines).
 //!
 //! Invariants:
-//! - Every hook chains to the hook it replaced (saved in `PREV_*`, set once in the postmaster's
-//!   `_PG_init`), or to the standard function, as pg_stat_statements does; other modules (quota)
-//!   install hooks of their own and keep their own saved pointers.
-//! - The chained call goes through crate::hook_chain, not pgrx's guard, so that an error raised by the
-//!   rest of the executor reaches the client exactly as PostgreSQL raised it. So nothing with a
-//!   destructor is alive in a hook's frame during the chained call, and the nesting depth, which that
-//!   error skips restoring,
-//!   is restored by the transaction callbacks: 0 when the transaction aborts, the depth at which a
-//!   subtransaction started when it aborts (plpgsql EXCEPTION blocks; a SAVEPOINT starts its
-//!   subtransaction at depth 0, when its statement ends).
+//! - emit_log_hook chains to the hook it replaced (saved in `PREV_EMIT_LOG`, set once in the
+//!   postmaster's `_PG_init`), as pg_stat_statements does.
+//! - The nesting depth is crate::statements' stack, which a (sub)transaction abort puts back where it
+//!   was (plpgsql EXCEPTION blocks; a SAVEPOINT starts its subtransaction at depth 0, when its
+//!   statement ends).
 //! - `Backend` is this backend's private state, touched only from the main thread. No `RefCell`
 //!   borrow is held across a call that can raise a PostgreSQL error, and emit_log_hook only
 //!   `try_borrow`s, so an error raised anywhere can never meet a borrowed cell.
@@ -25,7 +21,7 @@
 //!   default `warning` included); errors caught by a PL/pgSQL EXCEPTION block did not end a statement
 //!   and are not counted.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::ffi::{CStr, c_int, c_void};
 
 use pgrx::pg_sys;
@@ -35,18 +31,13 @@ use pgrx::prelude::*;
 use super::counters::Interval;
 use super::table::{self, CompanyKey};
 use super::{COMPANY, TRACK, Track};
-use crate::{hook_chain, unguarded};
+use crate::{statements, unguarded};
 
-static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
-static mut PREV_EXECUTOR_RUN: pg_sys::ExecutorRun_hook_type = None;
-static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
-static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
-static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
 
 /// Who a tracked statement is counted for.
 #[derive(Clone, Copy)]
-enum Attribution {
+pub(crate) enum Attribution {
     Company(CompanyKey),
     /// `tenant_scale.company` was empty: only counted in stats_info().unattributed_calls.
     Unattributed,
@@ -69,10 +60,6 @@ struct PendingSnapshot {
 
 #[derive(Default)]
 struct Backend {
-    /// Executor and utility nesting depth: 0 for statements sent by the client.
-    nesting: Cell<u32>,
-    /// Nesting depth at the start of each open subtransaction, innermost last.
-    subxact_nesting: RefCell<Vec<u32>>,
     captures: RefCell<Vec<Capture>>,
     pending_errors: RefCell<Vec<(CompanyKey, i64)>>,
     pending_snapshots: RefCell<Vec<PendingSnapshot>>,
@@ -83,19 +70,9 @@ thread_local! {
 }
 
 pub(super) fn install() {
-    // SAFETY: _PG_init runs once, single-threaded, in the postmaster; saving the previous hooks and
+    // SAFETY: _PG_init runs once, single-threaded, in the postmaster; saving the previous hook and
     // installing ours is how PostgreSQL add-ins chain.
     unsafe {
-        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
-        pg_sys::ExecutorStart_hook = Some(executor_start);
-        PREV_EXECUTOR_RUN = pg_sys::ExecutorRun_hook;
-        pg_sys::ExecutorRun_hook = Some(executor_run);
-        PREV_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
-        pg_sys::ExecutorFinish_hook = Some(executor_finish);
-        PREV_EXECUTOR_END = pg_sys::ExecutorEnd_hook;
-        pg_sys::ExecutorEnd_hook = Some(executor_end);
-        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
-        pg_sys::ProcessUtility_hook = Some(process_utility);
         PREV_EMIT_LOG = pg_sys::emit_log_hook;
         pg_sys::emit_log_hook = Some(emit_log);
         pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
@@ -117,7 +94,7 @@ fn current_company() -> Option<CompanyKey> {
 }
 
 /// Whether statements at this nesting depth are tracked in this process.
-fn tracking(nesting: u32) -> bool {
+fn tracking(nesting: usize) -> bool {
     // SAFETY: plain globals; parallel workers report to their leader, which counts the statement.
     let ordinary_backend =
         unsafe { pg_sys::ParallelWorkerNumber < 0 && pg_sys::MyDatabaseId != pg_sys::Oid::INVALID };
@@ -129,29 +106,20 @@ fn tracking(nesting: u32) -> bool {
         }
 }
 
-fn nesting() -> u32 {
-    BACKEND.with(|backend| backend.nesting.get())
-}
-
-/// Runs `chained` one level deeper. If it raises an error, the level is restored by the
-/// transaction callbacks, not here (see the module documentation).
-#[inline]
-fn nested(chained: impl FnOnce()) {
-    BACKEND.with(|backend| backend.nesting.set(backend.nesting.get() + 1));
-    chained();
-    BACKEND.with(|backend| backend.nesting.set(backend.nesting.get().saturating_sub(1)));
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: c_int) {
+/// Who a statement about to start (ExecutorStart) is counted for, `None` when it is not counted.
+pub(crate) fn statement_starting(eflags: c_int) -> Option<Attribution> {
     let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int != 0;
-    let attribution = (!explain_only && tracking(nesting()))
-        .then(|| current_company().map_or(Attribution::Unattributed, Attribution::Company));
-    // SAFETY: chaining as PostgreSQL documents; the previous hook is a C function that may raise.
-    unsafe { hook_chain::executor_start(PREV_EXECUTOR_START, query, eflags) }
-    let Some(attribution) = attribution else { return };
-    // SAFETY: ExecutorStart succeeded, so the query's estate and memory context exist; the timer
-    // lives in that context and is freed with the query, as pg_stat_statements allocates it.
+    (!explain_only && tracking(statements::depth()))
+        .then(|| current_company().map_or(Attribution::Unattributed, Attribution::Company))
+}
+
+/// ExecutorStart has prepared `query`, counted for `attribution`: its timer and its capture.
+///
+/// # Safety
+/// `query` has been started (its executor state and memory context exist).
+pub(crate) unsafe fn statement_started(query: *mut pg_sys::QueryDesc, attribution: Attribution) {
+    // SAFETY: per the caller's contract; the timer lives in the query's context and is freed with the
+    // query, as pg_stat_statements allocates it.
     unsafe {
         if matches!(attribution, Attribution::Company(_)) && (*query).totaltime.is_null() {
             let old_context = pg_sys::MemoryContextSwitchTo((*(*query).estate).es_query_cxt);
@@ -174,37 +142,11 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     }
 }
 
-#[cfg(not(feature = "pg18"))]
-#[pg_guard]
-unsafe extern "C-unwind" fn executor_run(
-    query: *mut pg_sys::QueryDesc,
-    direction: pg_sys::ScanDirection::Type,
-    count: u64,
-    execute_once: bool,
-) {
-    // SAFETY: chaining as PostgreSQL documents.
-    unsafe { nested(|| hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count, execute_once)) }
-}
-
-#[cfg(feature = "pg18")]
-#[pg_guard]
-unsafe extern "C-unwind" fn executor_run(
-    query: *mut pg_sys::QueryDesc,
-    direction: pg_sys::ScanDirection::Type,
-    count: u64,
-) {
-    // SAFETY: chaining as PostgreSQL documents.
-    unsafe { nested(|| hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count)) }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
-    // SAFETY: chaining as PostgreSQL documents.
-    unsafe { nested(|| hook_chain::executor_finish(PREV_EXECUTOR_FINISH, query)) }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
+/// ExecutorEnd is about to free `query`: errors noted meanwhile, and the statement's figures.
+///
+/// # Safety
+/// `query`'s executor state is still alive.
+pub(crate) unsafe fn statement_ending(query: *mut pg_sys::QueryDesc) {
     flush_pending_errors();
     let capture = BACKEND.with(|backend| {
         let mut captures = backend.captures.borrow_mut();
@@ -212,11 +154,9 @@ unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
         Some(captures.remove(position))
     });
     if let Some(capture) = capture {
-        // SAFETY: the executor state is still alive: standard_ExecutorEnd, which frees it, runs below.
+        // SAFETY: per the caller's contract.
         unsafe { record_completed(query, &capture) };
     }
-    // SAFETY: chaining as PostgreSQL documents.
-    unsafe { hook_chain::executor_end(PREV_EXECUTOR_END, query) }
 }
 
 unsafe fn record_completed(query: *mut pg_sys::QueryDesc, capture: &Capture) {
@@ -238,67 +178,6 @@ unsafe fn record_completed(query: *mut pg_sys::QueryDesc, capture: &Capture) {
     table::update(&key, capture.started, |counters| counters.record_call(micros, rows, capture.started));
 }
 
-#[cfg(not(feature = "pg13"))]
-#[pg_guard]
-#[allow(clippy::too_many_arguments)]
-unsafe extern "C-unwind" fn process_utility(
-    statement: *mut pg_sys::PlannedStmt,
-    query_string: *const std::ffi::c_char,
-    read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    query_env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    completion: *mut pg_sys::QueryCompletion,
-) {
-    // Utility commands are not counted, but what they run (CALL, DO, EXPLAIN ANALYZE, CREATE TABLE AS)
-    // is nested inside them, not a statement of the client's.
-    // SAFETY: chaining as PostgreSQL documents.
-    unsafe {
-        nested(|| {
-            hook_chain::process_utility(
-                PREV_PROCESS_UTILITY,
-                statement,
-                query_string,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                completion,
-            )
-        })
-    }
-}
-
-#[cfg(feature = "pg13")]
-#[pg_guard]
-unsafe extern "C-unwind" fn process_utility(
-    statement: *mut pg_sys::PlannedStmt,
-    query_string: *const std::ffi::c_char,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    query_env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    completion: *mut pg_sys::QueryCompletion,
-) {
-    // SAFETY: chaining as PostgreSQL documents.
-    unsafe {
-        nested(|| {
-            hook_chain::process_utility(
-                PREV_PROCESS_UTILITY,
-                statement,
-                query_string,
-                context,
-                params,
-                query_env,
-                dest,
-                completion,
-            )
-        })
-    }
-}
-
 #[pg_guard]
 unsafe extern "C-unwind" fn emit_log(error: *mut pg_sys::ErrorData) {
     // SAFETY: PostgreSQL passes the error being reported.
@@ -317,7 +196,7 @@ unsafe extern "C-unwind" fn emit_log(error: *mut pg_sys::ErrorData) {
 /// started (a parse or planning error, a utility command), the company the setting names now.
 fn note_error() {
     let _ = BACKEND.try_with(|backend| {
-        let nesting = backend.nesting.get();
+        let nesting = statements::depth();
         let Ok(captures) = backend.captures.try_borrow() else { return };
         let outermost = captures.first().map(|capture| capture.attribution);
         drop(captures);
@@ -382,8 +261,6 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT => {
             BACKEND.with(|backend| {
-                backend.nesting.set(0);
-                backend.subxact_nesting.borrow_mut().clear();
                 backend.captures.borrow_mut().clear();
                 backend.pending_snapshots.borrow_mut().clear();
             });
@@ -403,14 +280,8 @@ unsafe extern "C-unwind" fn subxact_callback(
     // The callback runs inside the subtransaction that is ending.
     let level = unguarded::transaction_nest_level();
     match event {
-        pg_sys::SubXactEvent::SUBXACT_EVENT_START_SUB => {
-            BACKEND.with(|backend| backend.subxact_nesting.borrow_mut().push(backend.nesting.get()));
-        }
         pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
             BACKEND.with(|backend| {
-                if let Some(depth) = backend.subxact_nesting.borrow_mut().pop() {
-                    backend.nesting.set(depth);
-                }
                 backend.captures.borrow_mut().retain(|capture| capture.xact_level < level);
                 backend.pending_snapshots.borrow_mut().retain(|snapshot| snapshot.xact_level < level);
             });
@@ -418,7 +289,6 @@ unsafe extern "C-unwind" fn subxact_callback(
         }
         // What the committed subtransaction started now belongs to its parent.
         pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => BACKEND.with(|backend| {
-            backend.subxact_nesting.borrow_mut().pop();
             for capture in backend.captures.borrow_mut().iter_mut() {
                 capture.xact_level = capture.xact_level.min(level - 1);
             }

@@ -23,6 +23,8 @@ mod sql;
 mod table;
 mod worker;
 
+pub(crate) use hooks::{statement_ending, statement_started, statement_starting};
+
 use std::ffi::{CStr, CString, c_char, c_void};
 
 use pgrx::pg_sys;
@@ -163,8 +165,8 @@ pub(crate) fn register_shared_memory() {
     table::REGION.register();
 }
 
-/// Installs the executor, utility and error hooks; only when preloaded, since without shared memory
-/// there is nowhere to count.
+/// Installs the error hook and the transaction callbacks (the executor hooks, shared with quotas, are
+/// crate::statements'); only when preloaded, since without shared memory there is nowhere to count.
 pub(crate) fn install_hooks() {
     if crate::shmem::is_preloaded() {
         hooks::install();

@@ -49,7 +49,7 @@ pub(super) static REGION: Region<Shared> =
 /// Who a statement is counted for.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) struct CompanyKey {
+pub(crate) struct CompanyKey {
     database: pg_sys::Oid,
     /// The id's bytes, NUL-padded: the key is hashed and compared as plain bytes.
     company: [u8; COMPANY_ID_MAX_BYTES + 1],

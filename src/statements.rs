@@ -1,0 +1,256 @@
+//! The executor and utility hooks, installed once for every module that watches statements, and the
+//! stack of statements running in this backend that both read.
+//!
+//! Quotas need to know which statement a trigger's row belongs to (an INSERT ... ON CONFLICT is
+//! settled once it has run, quota/statement.rs); statistics need each statement's start and end and
+//! how deeply it is nested (stats/hooks.rs). One set of hooks serves both, so a statement crosses
+//! into Rust once per hook rather than once per module (each crossing is a pgrx guard, about 100
+//! instructions on every statement of the server).
+//!
+//! Invariants:
+//! - ExecutorRun and ExecutorFinish push their query (BEFORE triggers fire in one or the other) and
+//!   ProcessUtility pushes a marker (COPY fires triggers without the executor), popping when they
+//!   return: a trigger's row belongs to the query on top, and the stack's depth is the nesting depth
+//!   (0 for a statement the client sent).
+//! - Every hook chains to the one installed before it (crate::hook_chain, unguarded, so nothing that
+//!   needs dropping is alive across the chained call). A statement that fails never returns, so a
+//!   (sub)transaction abort puts the stack back where it was when the (sub)transaction started.
+//! - The statistics' parts run only when the library was preloaded (their shared memory exists).
+//! - The stack lives in a RefCell borrowed only for a push, pop or read, never across a call into
+//!   PostgreSQL, so an error raised anywhere never meets it borrowed (emit_log_hook only tries).
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::{hook_chain, quota, shmem, stats};
+
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_EXECUTOR_RUN: pg_sys::ExecutorRun_hook_type = None;
+static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
+static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+enum Running {
+    Query(*mut pg_sys::QueryDesc),
+    Utility,
+}
+
+#[derive(Default)]
+struct Stack {
+    running: Vec<Running>,
+    /// (subtransaction, stack depth when it started), innermost last.
+    subtransactions: Vec<(pg_sys::SubTransactionId, usize)>,
+}
+
+thread_local! {
+    static STACK: RefCell<Stack> = RefCell::new(Stack::default());
+}
+
+pub(crate) fn install() {
+    // SAFETY: _PG_init runs once per process, before any statement; saving and replacing the hook
+    // pointers is how add-ins chain them.
+    unsafe {
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_EXECUTOR_RUN = pg_sys::ExecutorRun_hook;
+        pg_sys::ExecutorRun_hook = Some(executor_run);
+        PREV_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+        PREV_EXECUTOR_END = pg_sys::ExecutorEnd_hook;
+        pg_sys::ExecutorEnd_hook = Some(executor_end);
+        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+        pg_sys::RegisterXactCallback(Some(transaction_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subtransaction_event), std::ptr::null_mut());
+    }
+}
+
+/// How many executor runs and utility commands are running: 0 between statements the client sent.
+/// Readable from emit_log_hook (0 if the stack happens to be borrowed).
+pub(crate) fn depth() -> usize {
+    STACK.with(|stack| stack.try_borrow().map_or(0, |stack| stack.running.len()))
+}
+
+/// The query whose executor runs innermost, unless a utility command runs inside it.
+pub(crate) fn innermost_query() -> Option<*mut pg_sys::QueryDesc> {
+    STACK.with(|stack| match stack.borrow().running.last() {
+        Some(Running::Query(query)) => Some(*query),
+        _ => None,
+    })
+}
+
+fn push(running: Running) {
+    STACK.with(|stack| stack.borrow_mut().running.push(running));
+}
+
+fn pop() {
+    STACK.with(|stack| stack.borrow_mut().running.pop());
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
+    let attribution = if shmem::is_preloaded() { stats::statement_starting(eflags) } else { None };
+    // SAFETY: chaining with PostgreSQL's own arguments.
+    unsafe { hook_chain::executor_start(PREV_EXECUTOR_START, query, eflags) };
+    // SAFETY: ExecutorStart succeeded: the query has its planned statement and executor state.
+    unsafe {
+        quota::statement_started(query);
+        if let Some(attribution) = attribution {
+            stats::statement_started(query, attribution);
+        }
+    }
+}
+
+#[cfg(not(feature = "pg18"))]
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_run(
+    query: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    push(Running::Query(query));
+    // SAFETY: chaining with PostgreSQL's own arguments.
+    unsafe { hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count, execute_once) };
+    pop();
+}
+
+#[cfg(feature = "pg18")]
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_run(
+    query: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+) {
+    push(Running::Query(query));
+    // SAFETY: chaining with PostgreSQL's own arguments.
+    unsafe { hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count) };
+    pop();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
+    push(Running::Query(query));
+    // SAFETY: chaining with PostgreSQL's own argument.
+    unsafe { hook_chain::executor_finish(PREV_EXECUTOR_FINISH, query) };
+    // Still one level deeper: whatever settling the statement runs is nested in it.
+    // SAFETY: the query has run to its end and its executor state is alive until ExecutorEnd.
+    unsafe { quota::statement_finished(query) };
+    pop();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
+    if shmem::is_preloaded() {
+        // SAFETY: the executor state is still alive: standard_ExecutorEnd, which frees it, runs below.
+        unsafe { stats::statement_ending(query) };
+    }
+    quota::statement_ending(query);
+    // SAFETY: chaining with PostgreSQL's own argument.
+    unsafe { hook_chain::executor_end(PREV_EXECUTOR_END, query) };
+}
+
+#[cfg(not(feature = "pg13"))]
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    statement: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    completion: *mut pg_sys::QueryCompletion,
+) {
+    push(Running::Utility);
+    // SAFETY: chaining with PostgreSQL's own arguments.
+    unsafe {
+        hook_chain::process_utility(
+            PREV_PROCESS_UTILITY,
+            statement,
+            query_string,
+            read_only_tree,
+            context,
+            params,
+            query_env,
+            dest,
+            completion,
+        )
+    };
+    pop();
+}
+
+#[cfg(feature = "pg13")]
+#[pg_guard]
+unsafe extern "C-unwind" fn process_utility(
+    statement: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    completion: *mut pg_sys::QueryCompletion,
+) {
+    push(Running::Utility);
+    // SAFETY: chaining with PostgreSQL's own arguments.
+    unsafe {
+        hook_chain::process_utility(
+            PREV_PROCESS_UTILITY,
+            statement,
+            query_string,
+            context,
+            params,
+            query_env,
+            dest,
+            completion,
+        )
+    };
+    pop();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn transaction_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    if matches!(event, pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_ABORT) {
+        STACK.with(|stack| {
+            let mut stack = stack.borrow_mut();
+            stack.running.clear();
+            stack.subtransactions.clear();
+        });
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subtransaction_event(
+    event: pg_sys::SubXactEvent::Type,
+    subtransaction: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut c_void,
+) {
+    STACK.with(|stack| {
+        let mut stack = stack.borrow_mut();
+        match event {
+            pg_sys::SubXactEvent::SUBXACT_EVENT_START_SUB => {
+                let depth = stack.running.len();
+                stack.subtransactions.push((subtransaction, depth));
+            }
+            pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
+                stack.subtransactions.retain(|(started, _)| *started != subtransaction);
+            }
+            // The statements it was running ended with an error that skipped the hooks' own popping.
+            pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+                if let Some(position) =
+                    stack.subtransactions.iter().position(|(started, _)| *started == subtransaction)
+                {
+                    let depth = stack.subtransactions[position].1;
+                    stack.subtransactions.truncate(position);
+                    stack.running.truncate(depth);
+                }
+            }
+            _ => {}
+        }
+    });
+}
