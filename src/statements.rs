@@ -1,11 +1,11 @@
-//! The executor and utility hooks, installed once for every module that watches statements, and the
-//! stack of statements running in this backend that both read.
+//! The executor and utility hooks and the (sub)transaction callbacks, installed once for every module
+//! that watches statements, and the stack of statements running in this backend that both read.
 //!
 //! Quotas need to know which statement a trigger's row belongs to (an INSERT ... ON CONFLICT is
 //! settled once it has run, quota/statement.rs); statistics need each statement's start and end and
-//! how deeply it is nested (stats/hooks.rs). One set of hooks serves both, so a statement crosses
-//! into Rust once per hook rather than once per module (each crossing is a pgrx guard, about 100
-//! instructions on every statement of the server).
+//! how deeply it is nested (stats/hooks.rs); both settle their state when (sub)transactions end. One
+//! set of hooks and callbacks serves both, so a statement or transaction event crosses into Rust
+//! once, not once per module (each crossing is a pgrx guard).
 //!
 //! Invariants:
 //! - ExecutorRun and ExecutorFinish push their query (BEFORE triggers fire in one or the other) and
@@ -212,8 +212,14 @@ unsafe extern "C-unwind" fn process_utility(
     pop();
 }
 
+/// One callback for every module, called in this order (statistics, quotas, the stack): a
+/// transaction event crosses into Rust once.
 #[pg_guard]
 unsafe extern "C-unwind" fn transaction_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    if shmem::is_preloaded() {
+        stats::transaction_event(event);
+    }
+    quota::transaction_event(event);
     if matches!(event, pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_ABORT) {
         STACK.with(|stack| {
             let mut stack = stack.borrow_mut();
@@ -227,9 +233,13 @@ unsafe extern "C-unwind" fn transaction_event(event: pg_sys::XactEvent::Type, _a
 unsafe extern "C-unwind" fn subtransaction_event(
     event: pg_sys::SubXactEvent::Type,
     subtransaction: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
     _arg: *mut c_void,
 ) {
+    if shmem::is_preloaded() {
+        stats::subtransaction_event(event);
+    }
+    quota::subtransaction_event(event, subtransaction, parent);
     STACK.with(|stack| {
         let mut stack = stack.borrow_mut();
         match event {

@@ -461,16 +461,8 @@ pub(super) fn settle_upsert(
     }
 }
 
-pub(super) fn register_callbacks() {
-    // SAFETY: registers plain functions for the life of the backend.
-    unsafe {
-        pg_sys::RegisterXactCallback(Some(transaction_event), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(subtransaction_event), std::ptr::null_mut());
-    }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn transaction_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+/// A transaction event, from crate::statements' transaction callback.
+pub(crate) fn transaction_event(event: pg_sys::XactEvent::Type) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => refuse_prepare(),
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT => write_back_locked_counts(),
@@ -558,12 +550,11 @@ fn write_back_locked_counts() {
     unsafe { pg_sys::PopActiveSnapshot() };
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn subtransaction_event(
+/// A subtransaction event, from crate::statements' subtransaction callback.
+pub(crate) fn subtransaction_event(
     event: pg_sys::SubXactEvent::Type,
     subtransaction: pg_sys::SubTransactionId,
     parent: pg_sys::SubTransactionId,
-    _arg: *mut std::ffi::c_void,
 ) {
     match event {
         pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => LEDGER.with(|ledger| {

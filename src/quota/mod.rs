@@ -30,6 +30,7 @@ mod slow;
 mod statement;
 mod trigger;
 
+pub(crate) use ledger::{subtransaction_event, transaction_event};
 pub(crate) use statement::{statement_ending, statement_finished, statement_started};
 
 pgrx::extension_sql_file!("../../sql/quota.sql", name = "quota_tables");
@@ -56,8 +57,7 @@ pub(crate) fn register_shared_memory() {
     counters::REGION.register();
 }
 
-/// The relcache and transaction callbacks; the executor hooks are crate::statements'.
+/// The relcache callback; executor hooks and transaction callbacks are crate::statements'.
 pub(crate) fn register_callbacks() {
     config::register_invalidation_callback();
-    ledger::register_callbacks();
 }

@@ -22,7 +22,7 @@
 //!   and are not counted.
 
 use std::cell::RefCell;
-use std::ffi::{CStr, c_int, c_void};
+use std::ffi::{CStr, c_int};
 
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -75,8 +75,6 @@ pub(super) fn install() {
     unsafe {
         PREV_EMIT_LOG = pg_sys::emit_log_hook;
         pg_sys::emit_log_hook = Some(emit_log);
-        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
     }
 }
 
@@ -233,8 +231,8 @@ pub(super) fn commit_with_transaction(intervals: Vec<(CompanyKey, Interval)>) {
     });
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+/// A transaction event, from crate::statements' transaction callback (only when preloaded).
+pub(crate) fn transaction_event(event: pg_sys::XactEvent::Type) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT => {
             // Every executor of the transaction has ended by now (portals are closed or persisted
@@ -270,13 +268,8 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn subxact_callback(
-    event: pg_sys::SubXactEvent::Type,
-    _subtransaction: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
-    _arg: *mut c_void,
-) {
+/// A subtransaction event, from crate::statements' subtransaction callback (only when preloaded).
+pub(crate) fn subtransaction_event(event: pg_sys::SubXactEvent::Type) {
     // The callback runs inside the subtransaction that is ending.
     let level = unguarded::transaction_nest_level();
     match event {

@@ -23,7 +23,9 @@ mod sql;
 mod table;
 mod worker;
 
-pub(crate) use hooks::{statement_ending, statement_started, statement_starting};
+pub(crate) use hooks::{
+    statement_ending, statement_started, statement_starting, subtransaction_event, transaction_event,
+};
 
 use std::ffi::{CStr, CString, c_char, c_void};
 
@@ -165,7 +167,7 @@ pub(crate) fn register_shared_memory() {
     table::REGION.register();
 }
 
-/// Installs the error hook and the transaction callbacks (the executor hooks, shared with quotas, are
+/// Installs the error hook (executor hooks and transaction callbacks, shared with quotas, are
 /// crate::statements'); only when preloaded, since without shared memory there is nowhere to count.
 pub(crate) fn install_hooks() {
     if crate::shmem::is_preloaded() {
