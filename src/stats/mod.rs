@@ -72,7 +72,9 @@ pub(crate) fn register_gucs() {
               At most 63 bytes. The tenant_scale client crate sets it when a connection is checked out.",
             &COMPANY,
             GucContext::Userset,
-            GucFlags::default(),
+            // Reported to the client whenever it changes (like application_name), so a pool can tell
+            // which company a connection carries without asking and skip a SET that would change nothing.
+            GucFlags::REPORT,
             Some(check_company),
             None,
             None,
