@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod backend_local;
 mod elevated;
 mod health;
 mod hook_chain;

@@ -2,16 +2,18 @@
 //! that watches statements, and the stack of statements running in this backend that both read.
 //!
 //! Quotas need to know which statement a trigger's row belongs to (an INSERT ... ON CONFLICT is
-//! settled once it has run, quota/statement.rs); statistics need each statement's start and end and
-//! how deeply it is nested (stats/hooks.rs); both settle their state when (sub)transactions end. One
-//! set of hooks and callbacks serves both, so a statement or transaction event crosses into Rust
-//! once, not once per module (each crossing is a pgrx guard).
+//! settled once it has run, quota/statement.rs); statistics need each statement's start and end, how
+//! deeply it is nested and how long its runs take (stats/hooks.rs); both settle their state when
+//! (sub)transactions end. One set of hooks and callbacks serves both, so a statement or transaction
+//! event crosses into Rust once, not once per module (each crossing is a pgrx guard).
 //!
 //! Invariants:
 //! - ExecutorRun and ExecutorFinish push their query (BEFORE triggers fire in one or the other) and
 //!   ProcessUtility pushes a marker (COPY fires triggers without the executor), popping when they
 //!   return: a trigger's row belongs to the query on top, and the stack's depth is the nesting depth
 //!   (0 for a statement the client sent).
+//! - The clock is read around ExecutorRun and ExecutorFinish only for a query the statistics time; a
+//!   run that fails never reports its time (the statement is counted as an error instead).
 //! - Every hook chains to the one installed before it (crate::hook_chain, unguarded, so nothing that
 //!   needs dropping is alive across the chained call). A statement that fails never returns, so a
 //!   (sub)transaction abort puts the stack back where it was when the (sub)transaction started.
@@ -25,6 +27,7 @@ use std::ffi::c_void;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::backend_local::BackendLocal;
 use crate::{hook_chain, quota, shmem, stats};
 
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
@@ -38,16 +41,14 @@ enum Running {
     Utility,
 }
 
-#[derive(Default)]
 struct Stack {
     running: Vec<Running>,
     /// (subtransaction, stack depth when it started), innermost last.
     subtransactions: Vec<(pg_sys::SubTransactionId, usize)>,
 }
 
-thread_local! {
-    static STACK: RefCell<Stack> = RefCell::new(Stack::default());
-}
+static STACK: BackendLocal<RefCell<Stack>> =
+    BackendLocal::new(RefCell::new(Stack { running: Vec::new(), subtransactions: Vec::new() }));
 
 pub(crate) fn install() {
     // SAFETY: _PG_init runs once per process, before any statement; saving and replacing the hook
@@ -96,12 +97,30 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     // SAFETY: chaining with PostgreSQL's own arguments.
     unsafe { hook_chain::executor_start(PREV_EXECUTOR_START, query, eflags) };
     // SAFETY: ExecutorStart succeeded: the query has its planned statement and executor state.
-    unsafe {
-        quota::statement_started(query);
-        if let Some(attribution) = attribution {
-            stats::statement_started(query, attribution);
-        }
+    unsafe { quota::statement_started(query) };
+    if let Some(attribution) = attribution {
+        stats::statement_started(query, attribution);
     }
+}
+
+/// The clock when a run (or the finish) of `query` starts, if the statistics time it.
+fn execution_started(query: *mut pg_sys::QueryDesc) -> Option<i64> {
+    (shmem::is_preloaded() && stats::is_timed(query)).then(monotonic_nanos)
+}
+
+fn execution_ended(query: *mut pg_sys::QueryDesc, started: Option<i64>) {
+    if let Some(started) = started {
+        stats::add_execution_time(query, monotonic_nanos() - started);
+    }
+}
+
+/// CLOCK_MONOTONIC (the clock PostgreSQL's instrumentation reads) in nanoseconds. Read directly:
+/// `std::time::Instant` adds checks that cost more than the clock read itself.
+fn monotonic_nanos() -> i64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes the current time into `now`; CLOCK_MONOTONIC is always available on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec * 1_000_000_000 + now.tv_nsec
 }
 
 #[cfg(not(feature = "pg18"))]
@@ -113,8 +132,10 @@ unsafe extern "C-unwind" fn executor_run(
     execute_once: bool,
 ) {
     push(Running::Query(query));
+    let started = execution_started(query);
     // SAFETY: chaining with PostgreSQL's own arguments.
     unsafe { hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count, execute_once) };
+    execution_ended(query, started);
     pop();
 }
 
@@ -126,16 +147,20 @@ unsafe extern "C-unwind" fn executor_run(
     count: u64,
 ) {
     push(Running::Query(query));
+    let started = execution_started(query);
     // SAFETY: chaining with PostgreSQL's own arguments.
     unsafe { hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count) };
+    execution_ended(query, started);
     pop();
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
     push(Running::Query(query));
+    let started = execution_started(query);
     // SAFETY: chaining with PostgreSQL's own argument.
     unsafe { hook_chain::executor_finish(PREV_EXECUTOR_FINISH, query) };
+    execution_ended(query, started);
     // Still one level deeper: whatever settling the statement runs is nested in it.
     // SAFETY: the query has run to its end and its executor state is alive until ExecutorEnd.
     unsafe { quota::statement_finished(query) };

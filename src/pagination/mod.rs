@@ -29,7 +29,6 @@ mod query;
 mod settings;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use pgrx::datum::DatumWithOid;
@@ -37,12 +36,15 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, JsonB, PgMemoryContexts, PgRelation};
+use rustc_hash::{FxBuildHasher, FxHashMap};
 use serde_json::{Map, Value};
 
 use catalog::{Column, TypeSupport};
 use cursor::{Cursor, CursorError, Direction, Fingerprint};
 use order::{OrderError, OrderItem};
 use query::{FilterTerm, Listing, SortKey};
+
+use crate::backend_local::BackendLocal;
 
 static MAX_PAGE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(100);
 
@@ -52,9 +54,8 @@ const MAX_KEPT_PLANS: usize = 256;
 /// Statement text and parameter types.
 type PlanKey = (String, Vec<pg_sys::Oid>);
 
-thread_local! {
-    static PLANS: RefCell<HashMap<PlanKey, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
-}
+static PLANS: BackendLocal<RefCell<FxHashMap<PlanKey, Rc<OwnedPreparedStatement>>>> =
+    BackendLocal::new(RefCell::new(FxHashMap::with_hasher(FxBuildHasher)));
 
 pgrx::extension_sql_file!(
     "../../sql/pagination.sql",

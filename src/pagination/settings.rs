@@ -21,6 +21,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 
 use super::kept_plan;
+use crate::backend_local::BackendLocal;
 use crate::elevated::{as_extension_owner, extension_owner};
 
 struct Cached {
@@ -30,10 +31,8 @@ struct Cached {
     watched: [pg_sys::Oid; 2],
 }
 
-thread_local! {
-    static CACHE: RefCell<Option<Cached>> = const { RefCell::new(None) };
-    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
-}
+static CACHE: BackendLocal<RefCell<Option<Cached>>> = BackendLocal::new(RefCell::new(None));
+static CALLBACK_REGISTERED: BackendLocal<Cell<bool>> = BackendLocal::new(Cell::new(false));
 
 /// The cursor secret and `relation`'s own page limit (`None`: the GUC applies).
 pub(super) fn for_relation(relation: pg_sys::Oid) -> (Vec<u8>, Option<i32>) {
@@ -93,12 +92,12 @@ fn read_as_superuser(relation: pg_sys::Oid) -> (Vec<u8>, Option<i32>, [pg_sys::O
 }
 
 fn register_callback() {
-    if CALLBACK_REGISTERED.get() {
+    if CALLBACK_REGISTERED.with(Cell::get) {
         return;
     }
     // SAFETY: registers a plain function for the rest of this backend's life, once.
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_settings), pg_sys::Datum::from(0)) };
-    CALLBACK_REGISTERED.set(true);
+    CALLBACK_REGISTERED.with(|registered| registered.set(true));
 }
 
 /// Relcache callback: `relid` is invalid when every relation is invalidated (cache reset).

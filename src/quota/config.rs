@@ -22,6 +22,7 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use rustc_hash::FxHashMap;
 
 use super::company::TextForm;
+use crate::backend_local::BackendLocal;
 use crate::elevated::{
     OrRaise, as_extension_owner, extension_owner, qualified_relation_name, quote_identifier,
 };
@@ -105,7 +106,7 @@ pub(super) struct Config {
     /// Plans (indexes) of companies looked up so far; None: not listed (default plan).
     company_plans: RefCell<FxHashMap<String, Option<usize>>>,
     /// The cache generation this configuration is current for (see `generation`), kept here so that
-    /// the per-row path compares with it without another thread-local access.
+    /// the per-row path compares with it without another access to the cache.
     generation: Cell<u64>,
     /// Holds the function lookup data of the text forms; deleted with the configuration.
     _memory: ConfigMemory,
@@ -141,7 +142,7 @@ impl Drop for ConfigMemory {
 /// bounded amount of memory.
 const MAX_CACHED_COMPANIES: usize = 100_000;
 
-/// The backend's cache, in one thread-local (the trigger reaches it on every row). Flags are Cells:
+/// The backend's cache, in one backend-local static (the trigger reaches it on every row). Flags are Cells:
 /// the invalidation callback may run whenever PostgreSQL processes invalidations, so it never needs
 /// a borrow.
 struct Cache {
@@ -153,18 +154,14 @@ struct Cache {
     companies_relid: Cell<pg_sys::Oid>,
 }
 
-thread_local! {
-    static CACHE: Cache = const {
-        Cache {
-            current: RefCell::new(None),
-            stale: Cell::new(true),
-            companies_stale: Cell::new(false),
-            generation: Cell::new(0),
-            watched: RefCell::new(Vec::new()),
-            companies_relid: Cell::new(pg_sys::InvalidOid),
-        }
-    };
-}
+static CACHE: BackendLocal<Cache> = BackendLocal::new(Cache {
+    current: RefCell::new(None),
+    stale: Cell::new(true),
+    companies_stale: Cell::new(false),
+    generation: Cell::new(0),
+    watched: RefCell::new(Vec::new()),
+    companies_relid: Cell::new(pg_sys::InvalidOid),
+});
 
 /// Bumped whenever plans, limits or company plans may have changed: a limit remembered with an older
 /// generation must be looked up again.

@@ -40,6 +40,7 @@ use pgrx::pg_sys;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use super::company::CounterKey;
+use crate::backend_local::BackendLocal;
 use crate::shmem::Region;
 
 static MAX_COUNTERS: GucSetting<i32> = GucSetting::<i32>::new(50_000);
@@ -141,10 +142,8 @@ pub(super) fn shared() -> Option<&'static Counters> {
     REGION.try_get()
 }
 
-thread_local! {
-    /// The counter this backend is building, so that an error during the count hands it back.
-    static BUILDING_HERE: Cell<*const Counter> = const { Cell::new(std::ptr::null()) };
-}
+/// The counter this backend is building, so that an error during the count hands it back.
+static BUILDING_HERE: BackendLocal<Cell<*const Counter>> = BackendLocal::new(Cell::new(std::ptr::null()));
 
 /// Called on (sub)transaction abort: a build interrupted by an error is left for another backend.
 pub(super) fn abandon_build() {

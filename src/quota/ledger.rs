@@ -27,7 +27,7 @@ use std::rc::Rc;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use super::company::CounterKey;
 use super::config::{self, Config, Limit, QuotaDef};
@@ -36,6 +36,7 @@ use super::counters::{self, Counter};
 use super::refusal::raise_quota_exceeded;
 use super::slow;
 use super::statement::{self, Noted};
+use crate::backend_local::BackendLocal;
 use crate::unguarded;
 
 #[derive(Clone, Copy)]
@@ -153,7 +154,6 @@ impl Touch {
 /// A backend keeps at most this many idle touches (about 200 bytes each).
 const MAX_KEPT_TOUCHES: usize = 10_000;
 
-#[derive(Default)]
 struct Ledger {
     /// Touches by slot; `index` maps a key (quota id, truncation count, company text) to its slot.
     slots: Vec<Option<Touch>>,
@@ -169,11 +169,19 @@ struct Ledger {
     generation: u64,
 }
 
-thread_local! {
-    static LEDGER: RefCell<Ledger> = RefCell::new(Ledger::default());
-}
+static LEDGER: BackendLocal<RefCell<Ledger>> = BackendLocal::new(RefCell::new(Ledger::EMPTY));
 
 impl Ledger {
+    const EMPTY: Ledger = Ledger {
+        slots: Vec::new(),
+        free_slots: Vec::new(),
+        index: FxHashMap::with_hasher(FxBuildHasher),
+        active: Vec::new(),
+        truncations: Vec::new(),
+        key: Vec::new(),
+        generation: 0,
+    };
+
     fn truncations_of(&self, quota_id: i64) -> u32 {
         if self.truncations.is_empty() {
             return 0;
@@ -238,7 +246,7 @@ impl Ledger {
             *self = Ledger {
                 key: std::mem::take(&mut self.key),
                 generation: config::generation(),
-                ..Ledger::default()
+                ..Ledger::EMPTY
             };
         }
     }

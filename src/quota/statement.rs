@@ -16,7 +16,9 @@ use std::rc::Rc;
 
 use pgrx::PgList;
 use pgrx::pg_sys;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+
+use crate::backend_local::BackendLocal;
 
 use super::config::{self, QuotaDef};
 use super::ledger;
@@ -42,12 +44,14 @@ pub(super) struct UpsertEntry {
     pub moved_out: i64,
 }
 
-thread_local! {
-    /// Upserts between ExecutorStart and ExecutorFinish, by QueryDesc address, with their notes.
-    static UPSERTS: RefCell<FxHashMap<usize, FxHashMap<Vec<u8>, UpsertEntry>>> = RefCell::new(FxHashMap::default());
-}
+/// One upsert's notes, by (quota, company) key.
+type UpsertNotes = FxHashMap<Vec<u8>, UpsertEntry>;
 
-fn with_upserts<R>(f: impl FnOnce(&mut FxHashMap<usize, FxHashMap<Vec<u8>, UpsertEntry>>) -> R) -> R {
+/// Upserts between ExecutorStart and ExecutorFinish, by QueryDesc address.
+static UPSERTS: BackendLocal<RefCell<FxHashMap<usize, UpsertNotes>>> =
+    BackendLocal::new(RefCell::new(FxHashMap::with_hasher(FxBuildHasher)));
+
+fn with_upserts<R>(f: impl FnOnce(&mut FxHashMap<usize, UpsertNotes>) -> R) -> R {
     UPSERTS.with(|upserts| f(&mut upserts.borrow_mut()))
 }
 
@@ -98,7 +102,7 @@ pub(super) fn reset() {
 }
 
 /// The notes of `query` if it is a running upsert, which it no longer is.
-fn forget_upsert(query: *mut pg_sys::QueryDesc) -> Option<FxHashMap<Vec<u8>, UpsertEntry>> {
+fn forget_upsert(query: *mut pg_sys::QueryDesc) -> Option<UpsertNotes> {
     with_upserts(|upserts| if upserts.is_empty() { None } else { upserts.remove(&(query as usize)) })
 }
 

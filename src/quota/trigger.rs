@@ -22,15 +22,14 @@ use pgrx::{AllocatedByPostgres, PgTrigger};
 
 use super::config::{self, QuotaDef};
 use super::ledger::{self, Change};
+use crate::backend_local::BackendLocal;
 
 /// Names that sort after ordinary trigger names (BEFORE triggers fire in name order).
 pub(super) const ROW_TRIGGER: &str = "zz_tenant_scale_quota";
 pub(super) const TRUNCATE_TRIGGER: &str = "zz_tenant_scale_quota_truncate";
 
-thread_local! {
-    /// Buffer for a row's company text, reused from row to row.
-    static COMPANY: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
-}
+/// Buffer for a row's company text, reused from row to row.
+static COMPANY: BackendLocal<Cell<Vec<u8>>> = BackendLocal::new(Cell::new(Vec::new()));
 
 #[pg_trigger]
 fn quota_trigger<'a>(
@@ -57,7 +56,7 @@ fn quota_trigger<'a>(
         return Ok(None);
     }
     ensure_fires_last(data, relation);
-    let mut company = COMPANY.take();
+    let mut company = COMPANY.with(Cell::take);
     match event {
         pg_sys::TRIGGER_EVENT_INSERT => {
             if let Some(datum) = company_of(def, data.tg_trigtuple, relation, &mut company) {
@@ -84,7 +83,7 @@ fn quota_trigger<'a>(
             }
         }
     }
-    COMPANY.set(company);
+    COMPANY.with(|buffer| buffer.set(company));
     Ok(if event == pg_sys::TRIGGER_EVENT_DELETE { trigger.old() } else { trigger.new() })
 }
 

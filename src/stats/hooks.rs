@@ -31,6 +31,7 @@ use pgrx::prelude::*;
 use super::counters::Interval;
 use super::table::{self, CompanyKey};
 use super::{COMPANY, TRACK, Track};
+use crate::backend_local::BackendLocal;
 use crate::{statements, unguarded};
 
 static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
@@ -48,6 +49,9 @@ struct Capture {
     query: *const pg_sys::QueryDesc,
     attribution: Attribution,
     started: i64,
+    /// Nanoseconds spent in its ExecutorRun and ExecutorFinish so far (what pg_stat_statements counts
+    /// as execution time: not the time a cursor waits between fetches).
+    executing_nanos: i64,
     /// Transaction nesting level at start: a subtransaction abort drops the captures it started.
     xact_level: c_int,
 }
@@ -58,16 +62,17 @@ struct PendingSnapshot {
     intervals: Vec<(CompanyKey, Interval)>,
 }
 
-#[derive(Default)]
 struct Backend {
     captures: RefCell<Vec<Capture>>,
     pending_errors: RefCell<Vec<(CompanyKey, i64)>>,
     pending_snapshots: RefCell<Vec<PendingSnapshot>>,
 }
 
-thread_local! {
-    static BACKEND: Backend = Backend::default();
-}
+static BACKEND: BackendLocal<Backend> = BackendLocal::new(Backend {
+    captures: RefCell::new(Vec::new()),
+    pending_errors: RefCell::new(Vec::new()),
+    pending_snapshots: RefCell::new(Vec::new()),
+});
 
 pub(super) fn install() {
     // SAFETY: _PG_init runs once, single-threaded, in the postmaster; saving the previous hook and
@@ -111,33 +116,44 @@ pub(crate) fn statement_starting(eflags: c_int) -> Option<Attribution> {
         .then(|| current_company().map_or(Attribution::Unattributed, Attribution::Company))
 }
 
-/// ExecutorStart has prepared `query`, counted for `attribution`: its timer and its capture.
+/// ExecutorStart has prepared `query`, counted for `attribution`.
 ///
-/// # Safety
-/// `query` has been started (its executor state and memory context exist).
-pub(crate) unsafe fn statement_started(query: *mut pg_sys::QueryDesc, attribution: Attribution) {
-    // SAFETY: per the caller's contract; the timer lives in the query's context and is freed with the
-    // query, as pg_stat_statements allocates it.
-    unsafe {
-        if matches!(attribution, Attribution::Company(_)) && (*query).totaltime.is_null() {
-            let old_context = pg_sys::MemoryContextSwitchTo((*(*query).estate).es_query_cxt);
-            // INSTRUMENT_ALL, not just the timer: another extension that finds this timer already
-            // allocated (pg_stat_statements, auto_explain) reads buffer and WAL usage from it.
-            #[cfg(feature = "pg13")]
-            let timer = pg_sys::InstrAlloc(1, pg_sys::InstrumentOption::INSTRUMENT_ALL as c_int);
-            #[cfg(not(feature = "pg13"))]
-            let timer = pg_sys::InstrAlloc(1, pg_sys::InstrumentOption::INSTRUMENT_ALL as c_int, false);
-            (*query).totaltime = timer;
-            pg_sys::MemoryContextSwitchTo(old_context);
+/// Its execution time is measured by crate::statements around ExecutorRun and ExecutorFinish (see
+/// `is_timed`), not with PostgreSQL's instrumentation in `queryDesc->totaltime`: that also sums buffer
+/// and WAL usage on every run, which these statistics do not keep (about 600 instructions per
+/// statement), and a timer allocated there with less than INSTRUMENT_ALL would hand zero buffer
+/// usage to pg_stat_statements or auto_explain when they find it already allocated.
+pub(crate) fn statement_started(query: *mut pg_sys::QueryDesc, attribution: Attribution) {
+    let capture = Capture {
+        query,
+        attribution,
+        started: unguarded::statement_start(),
+        executing_nanos: 0,
+        xact_level: unguarded::transaction_nest_level(),
+    };
+    BACKEND.with(|backend| backend.captures.borrow_mut().push(capture));
+}
+
+/// Whether `query`'s runs are timed: it is counted for a company (unattributed statements are only
+/// counted).
+pub(crate) fn is_timed(query: *const pg_sys::QueryDesc) -> bool {
+    BACKEND.with(|backend| {
+        backend.captures.borrow().iter().rev().any(|capture| {
+            std::ptr::eq(capture.query, query) && matches!(capture.attribution, Attribution::Company(_))
+        })
+    })
+}
+
+/// Adds a run's (or the finish's) time to `query`'s capture. The capture may be gone: a procedure's
+/// COMMIT drops the captures of the transaction that ended, holdable cursors' included.
+pub(crate) fn add_execution_time(query: *const pg_sys::QueryDesc, nanos: i64) {
+    BACKEND.with(|backend| {
+        if let Some(capture) =
+            backend.captures.borrow_mut().iter_mut().rev().find(|capture| std::ptr::eq(capture.query, query))
+        {
+            capture.executing_nanos += nanos;
         }
-        let capture = Capture {
-            query,
-            attribution,
-            started: unguarded::statement_start(),
-            xact_level: unguarded::transaction_nest_level(),
-        };
-        BACKEND.with(|backend| backend.captures.borrow_mut().push(capture));
-    }
+    });
 }
 
 /// ExecutorEnd is about to free `query`: errors noted meanwhile, and the statement's figures.
@@ -163,16 +179,8 @@ unsafe fn record_completed(query: *mut pg_sys::QueryDesc, capture: &Capture) {
         return;
     };
     // SAFETY: the caller guarantees the query descriptor and its estate are alive.
-    let (micros, rows) = unsafe {
-        let timer = (*query).totaltime;
-        let micros = if timer.is_null() {
-            0.0
-        } else {
-            pg_sys::InstrEndLoop(timer);
-            (*timer).total * 1_000_000.0
-        };
-        (micros, (*(*query).estate).es_processed)
-    };
+    let rows = unsafe { (*(*query).estate).es_processed };
+    let micros = capture.executing_nanos as f64 / 1_000.0;
     table::update(&key, capture.started, |counters| counters.record_call(micros, rows, capture.started));
 }
 
@@ -193,7 +201,7 @@ unsafe extern "C-unwind" fn emit_log(error: *mut pg_sys::ErrorData) {
 /// Remembers an ERROR for the company of the outermost statement running, or, before any statement
 /// started (a parse or planning error, a utility command), the company the setting names now.
 fn note_error() {
-    let _ = BACKEND.try_with(|backend| {
+    BACKEND.with(|backend| {
         let nesting = statements::depth();
         let Ok(captures) = backend.captures.try_borrow() else { return };
         let outermost = captures.first().map(|capture| capture.attribution);

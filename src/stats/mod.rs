@@ -24,7 +24,8 @@ mod table;
 mod worker;
 
 pub(crate) use hooks::{
-    statement_ending, statement_started, statement_starting, subtransaction_event, transaction_event,
+    add_execution_time, is_timed, statement_ending, statement_started, statement_starting,
+    subtransaction_event, transaction_event,
 };
 
 use std::ffi::{CStr, CString, c_char, c_void};

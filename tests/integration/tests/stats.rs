@@ -132,6 +132,28 @@ fn percentiles_of_known_sleeps_fall_within_the_stated_bound() {
 }
 
 #[test]
+fn a_cursor_is_timed_while_it_executes_not_while_the_client_waits_between_fetches() {
+    let cluster = Cluster::builder().setting("tenant_scale.track", "all").start().unwrap();
+    let mut app = cluster.connect().unwrap();
+    // Two fetches of one row each, each row sleeping 20 ms, and 400 ms of client think time between
+    // them: the cursor's query executed for about 40 ms of the 400+ it was open.
+    app.batch_execute(
+        "SET tenant_scale.company = 'reader'; BEGIN; \
+         DECLARE slow CURSOR FOR SELECT pg_sleep(0.02) FROM generate_series(1, 2); FETCH 1 FROM slow",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    app.batch_execute("FETCH 1 FROM slow; CLOSE slow; COMMIT; RESET tenant_scale.company").unwrap();
+    // track = all also counts the statements nested in the FETCHes; the cursor's query is the
+    // company's slowest.
+    let max_ms: f64 = app
+        .query_one("SELECT max_ms FROM tenant_scale.company_stats WHERE company_id = 'reader'", &[])
+        .unwrap()
+        .get(0);
+    assert!((40.0 * (1.0 - RELATIVE_ERROR_BOUND)..200.0).contains(&max_ms), "max_ms = {max_ms}");
+}
+
+#[test]
 fn twenty_thousand_companies_with_room_for_a_thousand_evict_without_growing() {
     let cluster = Cluster::builder().setting("tenant_scale.max_companies", 1000).start().unwrap();
     let mut app = cluster.connect().unwrap();
