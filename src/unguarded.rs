@@ -7,7 +7,13 @@
 //!   mark the command used in a parallel worker, which `false` does not);
 //! - LWLockAcquire raises only when a backend already holds 200 LWLocks and LWLockRelease only for a
 //!   lock not held: callers take one lock and release exactly what they took;
-//! - hash_search with HASH_FIND neither allocates nor raises.
+//! - hash_search with HASH_FIND neither allocates nor raises;
+//! - a spinlock never raises an ERROR (one stuck for about a minute is a PANIC, which ends the
+//!   process without unwinding).
+
+use std::cell::UnsafeCell;
+use std::mem::MaybeUninit;
+use std::ops::{Deref, DerefMut};
 
 use pgrx::pg_sys;
 
@@ -24,13 +30,78 @@ unsafe extern "C-unwind" {
     fn lwlock_acquire(lock: *mut pg_sys::LWLock, mode: pg_sys::LWLockMode::Type) -> bool;
     #[link_name = "LWLockRelease"]
     fn lwlock_release(lock: *mut pg_sys::LWLock);
-    #[link_name = "hash_search"]
-    fn hash_search(
+    #[link_name = "hash_search_with_hash_value"]
+    fn hash_search_with_hash_value(
         table: *mut pg_sys::HTAB,
         key: *const std::ffi::c_void,
+        hash: u32,
         action: pg_sys::HASHACTION::Type,
         found: *mut bool,
     ) -> *mut std::ffi::c_void;
+    #[link_name = "SpinLockInit__pgrx_cshim"]
+    fn spin_lock_init(lock: *mut pg_sys::slock_t);
+    #[link_name = "SpinLockAcquire__pgrx_cshim"]
+    fn spin_lock_acquire(lock: *mut pg_sys::slock_t);
+    #[link_name = "SpinLockRelease__pgrx_cshim"]
+    fn spin_lock_release(lock: *mut pg_sys::slock_t);
+}
+
+/// A value in shared memory behind PostgreSQL's spinlock, as pgrx's `PgSpinLock` but taken and
+/// released without its per-call guard.
+#[repr(C)]
+pub(crate) struct SpinLock<T> {
+    lock: UnsafeCell<pg_sys::slock_t>,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the value is only reached through `lock()`, which holds the spinlock, in any process.
+unsafe impl<T> Sync for SpinLock<T> {}
+
+impl<T> SpinLock<T> {
+    pub(crate) fn new(value: T) -> SpinLock<T> {
+        let mut lock = MaybeUninit::<pg_sys::slock_t>::zeroed();
+        // SAFETY: initialises the lock in place; an initialised slock_t may then be moved as bytes,
+        // as PostgreSQL itself does when it copies structures holding one before first use.
+        unsafe {
+            spin_lock_init(lock.as_mut_ptr());
+            SpinLock { lock: UnsafeCell::new(lock.assume_init()), value: UnsafeCell::new(value) }
+        }
+    }
+
+    /// Holds the lock until the guard is dropped. Callers do nothing under it that could raise or
+    /// take another lock.
+    pub(crate) fn lock(&self) -> SpinLockGuard<'_, T> {
+        // SAFETY: the lock was initialised in `new`; this backend does not hold it (guards are never
+        // nested).
+        unsafe { spin_lock_acquire(self.lock.get()) };
+        SpinLockGuard { held: self }
+    }
+}
+
+pub(crate) struct SpinLockGuard<'a, T> {
+    held: &'a SpinLock<T>,
+}
+
+impl<T> Deref for SpinLockGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the spinlock is held for the guard's lifetime.
+        unsafe { &*self.held.value.get() }
+    }
+}
+
+impl<T> DerefMut for SpinLockGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: the spinlock is held for the guard's lifetime, and the guard is borrowed mutably.
+        unsafe { &mut *self.held.value.get() }
+    }
+}
+
+impl<T> Drop for SpinLockGuard<'_, T> {
+    fn drop(&mut self) {
+        // SAFETY: taken in `SpinLock::lock`.
+        unsafe { spin_lock_release(self.held.lock.get()) };
+    }
 }
 
 /// Takes a lock this backend does not hold yet.
@@ -48,16 +119,17 @@ pub(crate) unsafe fn release_lock(lock: *mut pg_sys::LWLock) {
     unsafe { lwlock_release(lock) }
 }
 
-/// The entry of `key` in `table`, or null.
+/// The entry of `key`, whose hash value in `table` is `hash`, or null.
 ///
 /// # Safety
 /// `table` is a valid dynahash table whose keys are `size_of::<K>()` bytes, read under whatever lock
-/// protects it.
-pub(crate) unsafe fn hash_find<K>(table: *mut pg_sys::HTAB, key: &K) -> *mut std::ffi::c_void {
+/// protects it; `hash` is `get_hash_value(table, key)`.
+pub(crate) unsafe fn hash_find<K>(table: *mut pg_sys::HTAB, key: &K, hash: u32) -> *mut std::ffi::c_void {
     unsafe {
-        hash_search(
+        hash_search_with_hash_value(
             table,
             std::ptr::from_ref(key).cast(),
+            hash,
             pg_sys::HASHACTION::HASH_FIND,
             std::ptr::null_mut(),
         )

@@ -25,13 +25,14 @@ use std::io::Write;
 use std::mem::size_of;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use pgrx::PGRXSharedMemory;
+use std::cell::Cell;
+
 use pgrx::pg_sys;
-use pgrx::spinlock::PgSpinLock;
 
 use super::counters::{Counters, INITIAL_USAGE, Interval, Summary, USAGE_DECAY};
+use crate::backend_local::BackendLocal;
 use crate::shmem::Region;
-use crate::unguarded;
+use crate::unguarded::{self, SpinLock};
 
 /// Longest company id: PostgreSQL's identifier length, long enough for UUIDs and slugs.
 pub(super) const COMPANY_ID_MAX_BYTES: usize = 63;
@@ -84,11 +85,12 @@ impl CompanyKey {
 #[repr(C)]
 struct Entry {
     key: CompanyKey,
-    counters: PgSpinLock<Counters>,
+    counters: SpinLock<Counters>,
 }
 
-// SAFETY: Counters is plain integers and floats, valid at any address and in any process.
-unsafe impl PGRXSharedMemory for Counters {}
+/// The key this backend hashed last, with its hash value: a backend's statements come mostly for
+/// one company after another, and comparing the 68-byte key costs less than hashing it again.
+static LAST_HASHED: BackendLocal<Cell<Option<(CompanyKey, u32)>>> = BackendLocal::new(Cell::new(None));
 
 /// The region's root, in shared memory. The pointers are set once by the postmaster and are valid
 /// at the same address in every backend (they inherit the mapping through fork).
@@ -175,9 +177,24 @@ impl Shared {
 
     /// The entry for `key`; the caller holds the lock in either mode.
     fn find(&self, _held: &Locked<'_>, key: &CompanyKey) -> Option<&Entry> {
+        let hash = self.hash_of(key);
         // SAFETY: a FIND never modifies the table; entries live until removed under the exclusive lock,
         // which cannot happen while the caller holds the lock.
-        unsafe { unguarded::hash_find(self.hash, key).cast::<Entry>().as_ref() }
+        unsafe { unguarded::hash_find(self.hash, key, hash).cast::<Entry>().as_ref() }
+    }
+
+    fn hash_of(&self, key: &CompanyKey) -> u32 {
+        LAST_HASHED.with(|last| {
+            if let Some((last_key, hash)) = last.get()
+                && last_key == *key
+            {
+                return hash;
+            }
+            // SAFETY: only computes the table's hash function (the same in every backend) over the key.
+            let hash = unsafe { pg_sys::get_hash_value(self.hash, std::ptr::from_ref(key).cast()) };
+            last.set(Some((*key, hash)));
+            hash
+        })
     }
 
     /// Every entry; the caller holds the lock in either mode.
@@ -218,7 +235,7 @@ impl Shared {
             }
             if !found {
                 let usage = f64::from_bits(self.median_usage.load(Ordering::Relaxed));
-                (&raw mut (*entry).counters).write(PgSpinLock::new(Counters::new(now, usage)));
+                (&raw mut (*entry).counters).write(SpinLock::new(Counters::new(now, usage)));
             }
             entry.as_ref()
         }
@@ -451,7 +468,7 @@ unsafe fn load_file(shared: &Shared) {
             if entry.is_null() {
                 break;
             }
-            (&raw mut (*entry).counters).write(PgSpinLock::new(counters));
+            (&raw mut (*entry).counters).write(SpinLock::new(counters));
         }
         loaded += 1;
     }
