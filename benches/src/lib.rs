@@ -1,8 +1,10 @@
 //! Shared pieces of the benchmark runners in `src/bin/`.
 //!
 //! These machines are noisy, so no runner reports an absolute time on its own: every variant is run
-//! in interleaved rounds (A, B, A, B, ...) against the same data, and what is reported is the median,
-//! over rounds, of each variant's ratio to the baseline measured in the same round.
+//! in interleaved rounds against the same data, and what is reported is the median, over rounds, of
+//! each variant's ratio to the baseline measured in the same round. Each round starts one variant
+//! further (A B C, B C A, C A B, ...), so that whatever a position in the round does to a run (first
+//! after a pause, right after a given variant) does not fall on the same variant in every round.
 //!
 //! Runners are started through `benches/run NAME`, which installs a release build of the extension
 //! into a private PostgreSQL tree and points `PG_CONFIG` at it before the runner starts.
@@ -128,10 +130,11 @@ impl Comparison {
         }
     }
 
-    /// Runs `rounds` rounds; in each, `measure(variant_index)` is called for every variant in order.
+    /// Runs `rounds` rounds; in each, `measure(variant_index)` is called once for every variant, in
+    /// the round's order (see the module documentation).
     pub fn run(&mut self, rounds: usize, mut measure: impl FnMut(usize) -> Result<f64>) -> Result<()> {
-        for _ in 0..rounds {
-            for index in 0..self.variants.len() {
+        for round in 0..rounds {
+            for index in round_order(round, self.variants.len()) {
                 let figure = measure(index)?;
                 self.variants[index].1.push(figure);
             }
@@ -171,6 +174,11 @@ impl Comparison {
     }
 }
 
+/// The variants in the order round `round` measures them: starting one further each round.
+fn round_order(round: usize, variants: usize) -> impl Iterator<Item = usize> {
+    (0..variants).map(move |step| (round + step) % variants)
+}
+
 /// Runs `rounds` interleaved rounds of one workload measured with [`pgbench_cpu`]-style figures:
 /// `measure(variant)` returns (rate, rate per second of server CPU), and the two are compared
 /// separately, in that order, so that a runner can print both and judge on the second.
@@ -183,8 +191,8 @@ pub fn compare_with_cpu(
 ) -> Result<[Comparison; 2]> {
     let mut by_time = Comparison::new(workload, variants, unit);
     let mut by_cpu = Comparison::new(workload, variants, "per server CPU second");
-    for _ in 0..rounds {
-        for index in 0..variants.len() {
+    for round in 0..rounds {
+        for index in round_order(round, variants.len()) {
             let (rate, rate_per_cpu) = measure(index)?;
             by_time.variants[index].1.push(rate);
             by_cpu.variants[index].1.push(rate_per_cpu);
@@ -240,9 +248,8 @@ mod tests {
     #[test]
     fn ratios_are_taken_round_by_round_before_the_median() {
         let mut comparison = Comparison::new("w", &["plain", "ext"], "tps");
-        let figures = [100.0, 95.0, 50.0, 48.0, 200.0, 180.0];
-        let mut next = figures.iter();
-        comparison.run(3, |_| Ok(*next.next().unwrap())).unwrap();
+        let mut figures = [vec![100.0, 50.0, 200.0].into_iter(), vec![95.0, 48.0, 180.0].into_iter()];
+        comparison.run(3, |variant| Ok(figures[variant].next().unwrap())).unwrap();
         // Rounds gave ratios 0.95, 0.96, 0.90: the median is 0.95 although the medians of the raw
         // figures (100 and 95) would say the same only by chance.
         assert!((comparison.median_ratio(1) - 0.95).abs() < 1e-9);
@@ -252,11 +259,24 @@ mod tests {
     }
 
     #[test]
+    fn each_round_starts_one_variant_further() {
+        let mut order = Vec::new();
+        Comparison::new("w", &["a", "b", "c"], "tps")
+            .run(4, |variant| {
+                order.push(variant);
+                Ok(1.0)
+            })
+            .unwrap();
+        assert_eq!(order, [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]);
+    }
+
+    #[test]
     fn both_figures_of_a_run_are_compared_separately() {
-        let runs = [(100.0, 10.0), (90.0, 9.5), (60.0, 10.0), (30.0, 9.0)];
-        let mut next = runs.iter();
+        let mut runs =
+            [vec![(100.0, 10.0), (60.0, 10.0)].into_iter(), vec![(90.0, 9.5), (30.0, 9.0)].into_iter()];
         let [by_time, by_cpu] =
-            compare_with_cpu("w", &["plain", "ext"], "tps", 2, |_| Ok(*next.next().unwrap())).unwrap();
+            compare_with_cpu("w", &["plain", "ext"], "tps", 2, |variant| Ok(runs[variant].next().unwrap()))
+                .unwrap();
         assert!((by_time.median_ratio(1) - (0.9 + 0.5) / 2.0).abs() < 1e-9);
         assert!((by_cpu.median_ratio(1) - (0.95 + 0.9) / 2.0).abs() < 1e-9);
         assert!(by_cpu.report().contains("w: ext: per server CPU second [9.5, 9.0]"));

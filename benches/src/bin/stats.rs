@@ -71,11 +71,10 @@ fn main() -> Result<()> {
         ("select-only (-S), 8 clients, one company", select_only, 8, 5_000, false),
     ];
     for (name, script, clients, transactions, rotate_companies) in workloads {
-        let mut round = 0;
+        let mut measured = 0;
         let comparisons = compare_with_cpu(name, &VARIANTS, "tps", rounds, |variant| {
-            if variant == 0 {
-                round += 1;
-            }
+            let round = measured / VARIANTS.len();
+            measured += 1;
             if variant >= 2 {
                 let company = if rotate_companies { round as u32 % COMPANIES } else { 0 };
                 // New connections pick the role's setting up, as a pooled connection checked out for
