@@ -9,7 +9,8 @@
 //! thread (pgrx refuses calls into PostgreSQL from any other), and this extension starts no threads,
 //! so a `BackendLocal` is never reached from two threads. Each forked process has its own copy, as it
 //! would of a thread-local. Interior mutability (`Cell`, `RefCell`) inside works as in a thread-local:
-//! re-entrancy, not concurrency, is what its borrows guard against.
+//! re-entrancy, not concurrency, is what its borrows guard against. Plain `#[test]`s run on several
+//! threads, so they must not reach one (the modules that hold one are tested inside PostgreSQL).
 
 /// A value owned by the backend's main thread, used like `LocalKey`: `STATE.with(|state| ...)`.
 pub(crate) struct BackendLocal<T>(T);
