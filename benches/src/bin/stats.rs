@@ -1,9 +1,12 @@
 //! benches/run stats [RUN_SCALE] [ROUNDS]: the cost of per-company statistics on the statement path.
-//! RUN_SCALE multiplies the transactions of every run (default 1); ROUNDS defaults to 7.
+//! RUN_SCALE multiplies the transactions of every run (default 2); ROUNDS defaults to 15 (about 12
+//! minutes on 2 cores: with fewer, the same ratio moved by 5 % and more from one run to the next).
 //!
-//! Four clusters side by side, measured in interleaved rounds: vanilla PostgreSQL; pg_stat_statements
-//! preloaded; tenant_scale preloaded, every connection attributed to a company (one of 100 tracked
-//! ones, a different one each round); both preloaded. Workloads: pgbench -S (one indexed SELECT),
+//! Five clusters side by side, measured in interleaved rounds: vanilla PostgreSQL; a second vanilla
+//! cluster, identical to the first (an A/A check: how far two identical clusters land apart in one
+//! run is how fine the other ratios can be read); pg_stat_statements preloaded; tenant_scale
+//! preloaded, every connection attributed to a company (one of 100 tracked ones, a different one
+//! each round); both preloaded. Workloads: pgbench -S (one indexed SELECT),
 //! a small read/write script (UPDATE + SELECT), both with 2 clients, and -S with 8 clients all on one
 //! company (every statement updates the same entry). Targets (issue 4): tenant_scale >= 0.97x vanilla
 //! on -S, and not below pg_stat_statements' ratio in the same run.
@@ -21,18 +24,23 @@ use tenant_scale_harness::{Cluster, ClusterBuilder, pg_bindir};
 
 const SCALE: u32 = 5;
 const COMPANIES: u32 = 100;
-const VARIANTS: [&str; 4] = ["vanilla", "pg_stat_statements", "tenant_scale", "both"];
+const VARIANTS: [&str; 5] =
+    ["vanilla", "vanilla, second cluster", "pg_stat_statements", "tenant_scale", "both"];
+const PG_STAT_STATEMENTS: usize = 2;
+/// The first variant whose connections are attributed to a company; every later one is too.
+const TENANT_SCALE: usize = 3;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let scale_runs: u32 = args.next().map(|arg| arg.parse()).transpose().context("RUN_SCALE")?.unwrap_or(1);
-    let rounds: usize = args.next().map(|arg| arg.parse()).transpose().context("ROUNDS")?.unwrap_or(7);
+    let scale_runs: u32 = args.next().map(|arg| arg.parse()).transpose().context("RUN_SCALE")?.unwrap_or(2);
+    let rounds: usize = args.next().map(|arg| arg.parse()).transpose().context("ROUNDS")?.unwrap_or(15);
 
     print!("{}", machine_header()?);
     println!("pgbench scale {SCALE}, {rounds} interleaved rounds, prepared statements, autovacuum off");
 
     let with_quiet_autovacuum = |builder: ClusterBuilder| builder.setting("autovacuum", "off").start();
     let clusters = [
+        with_quiet_autovacuum(Cluster::builder().without_preload().without_extension())?,
         with_quiet_autovacuum(Cluster::builder().without_preload().without_extension())?,
         with_quiet_autovacuum(
             Cluster::builder()
@@ -48,15 +56,14 @@ fn main() -> Result<()> {
     for cluster in &clusters {
         init_pgbench(cluster)?;
     }
-    let attributed = [&clusters[2], &clusters[3]];
-    for cluster in attributed {
+    for cluster in &clusters[TENANT_SCALE..] {
         // 100 companies in the table, so lookups go through a populated hash table.
         let warm_up: String = (0..COMPANIES)
             .map(|company| format!("SET tenant_scale.company = 'company_{company}'; SELECT 1;"))
             .collect();
         cluster.psql(&warm_up)?;
     }
-    let tracked = clusters[2].psql("SELECT tracked FROM tenant_scale.stats_info()")?;
+    let tracked = clusters[TENANT_SCALE].psql("SELECT tracked FROM tenant_scale.stats_info()")?;
     println!("companies tracked before measuring: {tracked}");
 
     let select_only =
@@ -75,7 +82,7 @@ fn main() -> Result<()> {
         let comparisons = compare_with_cpu(name, &VARIANTS, "tps", rounds, |variant| {
             let round = measured / VARIANTS.len();
             measured += 1;
-            if variant >= 2 {
+            if variant >= TENANT_SCALE {
                 let company = if rotate_companies { round as u32 % COMPANIES } else { 0 };
                 // New connections pick the role's setting up, as a pooled connection checked out for
                 // one company would have it set.
@@ -89,7 +96,7 @@ fn main() -> Result<()> {
         }
     }
     statement_cost(&clusters, rounds * 2)?;
-    let calls = clusters[2].psql("SELECT sum(calls) FROM tenant_scale.company_stats")?;
+    let calls = clusters[TENANT_SCALE].psql("SELECT sum(calls) FROM tenant_scale.company_stats")?;
     println!("statements counted by tenant_scale in its cluster: {calls}");
     Ok(())
 }
@@ -98,7 +105,7 @@ fn main() -> Result<()> {
 /// loop of indexed SELECTs, each one counted (track = all). The backend's own CPU time
 /// (/proc/self/schedstat, in ns) is read before and after, so time the machine spent on other
 /// processes is not counted.
-fn statement_cost(clusters: &[Cluster; 4], rounds: usize) -> Result<()> {
+fn statement_cost(clusters: &[Cluster; 5], rounds: usize) -> Result<()> {
     const STATEMENTS: u32 = 20_000;
     let loop_function = format!(
         "CREATE OR REPLACE FUNCTION bench_loop() RETURNS float8 LANGUAGE plpgsql AS $$ \
@@ -112,14 +119,16 @@ fn statement_cost(clusters: &[Cluster; 4], rounds: usize) -> Result<()> {
                   / 1000.0 / {STATEMENTS}; \
          END $$"
     );
-    for cluster in &clusters[..3] {
+    let (vanilla, pg_stat_statements, tenant_scale) =
+        (&clusters[0], &clusters[PG_STAT_STATEMENTS], &clusters[TENANT_SCALE]);
+    for cluster in [vanilla, pg_stat_statements, tenant_scale] {
         cluster.psql(&loop_function)?;
     }
     let variants = [
-        (&clusters[0], ""),
-        (&clusters[1], "SET pg_stat_statements.track = 'all';"),
-        (&clusters[2], "SET tenant_scale.track = 'all'; SET tenant_scale.company = 'company_0';"),
-        (&clusters[2], "SET tenant_scale.track = 'none'; SET tenant_scale.company = 'company_0';"),
+        (vanilla, ""),
+        (pg_stat_statements, "SET pg_stat_statements.track = 'all';"),
+        (tenant_scale, "SET tenant_scale.track = 'all'; SET tenant_scale.company = 'company_0';"),
+        (tenant_scale, "SET tenant_scale.track = 'none'; SET tenant_scale.company = 'company_0';"),
     ];
     let mut comparison = Comparison::new(
         &format!("backend CPU per statement, {STATEMENTS} SELECTs in a PL/pgSQL loop"),
