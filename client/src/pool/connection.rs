@@ -33,11 +33,12 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use deadpool_postgres::{Object, Transaction};
+use deadpool_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement, ToStatement};
 
 use super::error::{Error, QuotaExceeded};
+use super::manager::Object;
 use super::node::{Node, Role};
 use crate::lock::locked;
 

@@ -1,4 +1,5 @@
-//! One server (the primary or a replica): its deadpool pool and what the last check found.
+//! One server (the primary or a replica): its deadpool pool (over `manager.rs`) and what the last
+//! check found.
 //!
 //! Invariants:
 //! - A replica serves reads only while its last check passed (reachable, in recovery, replay not
@@ -15,11 +16,13 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool::Runtime;
+use deadpool::managed::{Hook, HookError};
 use tokio_postgres::NoTls;
 
 use super::config::PoolConfig;
 use super::error::Error;
+use super::manager::{Pool, TenantManager};
 use crate::lock::locked;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,8 +104,7 @@ impl Node {
             Role::Primary => (config.primary_max, config.primary_min),
             Role::Replica => (config.replica_max, config.replica_min),
         };
-        let manager =
-            Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = TenantManager::new(pg);
         let recycle_after = config.recycle_after_uses as usize;
         let pool = Pool::builder(manager)
             .max_size(max)
