@@ -1,17 +1,24 @@
 //! What the client crate costs over the pieces it is built on, measured side by side in one run:
 //! - a cache hit against a raw redis GET of the same value (target <= 1.2x latency);
 //! - rate-limit decisions per second, in-process and through Redis;
-//! - checkout + query through the tenant pool against raw deadpool-postgres (target <= 1.1x).
+//! - checkout + query through the tenant pool against raw deadpool-postgres (target <= 1.1x), with the
+//!   company changing on every checkout (the attribution `SET` is sent every time) and with one company
+//!   (the server's report makes it needless after the first checkout);
+//! - what that `SET` costs by itself: a raw connection running the pool's statement with and without the
+//!   `SET` pipelined before it, in latency and in backend CPU.
 //!
 //! Latencies are means over sequential operations (one client, so the round trip dominates, as it does
 //! for a request handler); every figure is measured in interleaved rounds and compared round by round.
+//! The database lines go further and alternate their variants operation by operation within a round
+//! (each variant on a pool or connection of its own): a few hundred microseconds per operation are
+//! at the mercy of whatever else runs on a shared 2-core machine, and this way it weighs on all alike.
 //! Started by `benches/run client`, which installs the extension into a private tree first.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tenant_scale_benches::{Comparison, machine_header};
+use tenant_scale_benches::{BACKEND_CPU_NS, Comparison, compare_with_cpu, machine_header};
 use tenant_scale_client::RedisConfig;
 use tenant_scale_client::cache::{Cache, CacheConfig};
 use tenant_scale_client::pool::{PoolConfig, TenantPool};
@@ -60,7 +67,8 @@ fn main() -> Result<()> {
     runtime.block_on(async {
         cache_hit_against_raw_get(&redis).await?;
         rate_limit_decisions(&redis).await?;
-        pool_checkout_against_raw_deadpool(&cluster).await
+        pool_checkout_against_raw_deadpool(&cluster).await?;
+        attribution_cost(&cluster).await
     })
 }
 
@@ -118,11 +126,17 @@ async fn rate_limit_decisions(redis: &Redis) -> Result<()> {
     Ok(())
 }
 
+const QUERY: &str = "SELECT $1::int";
+
 async fn pool_checkout_against_raw_deadpool(cluster: &Cluster) -> Result<()> {
-    const QUERY: &str = "SELECT $1::int";
-    let mut config = PoolConfig::new(&cluster.url())?;
-    (config.primary_max, config.primary_min) = (4, 1);
-    let tenant_pool = TenantPool::connect(config).await?;
+    let tenant_pool = async || {
+        let mut config = PoolConfig::new(&cluster.url())?;
+        (config.primary_max, config.primary_min) = (4, 1);
+        anyhow::Ok(TenantPool::connect(config).await?)
+    };
+    // A pool for each tenant variant: one pool's connection would carry the rotating variant's last
+    // company into the one-company variant's next checkout.
+    let (rotating, one_company) = (tenant_pool().await?, tenant_pool().await?);
     let raw_pool = Pool::builder(Manager::from_config(
         cluster.url().parse()?,
         tokio_postgres::NoTls,
@@ -134,28 +148,129 @@ async fn pool_checkout_against_raw_deadpool(cluster: &Cluster) -> Result<()> {
 
     let mut comparison = Comparison::new(
         "checkout + query",
-        &["raw deadpool-postgres", "tenant pool write(company)"],
+        &[
+            "raw deadpool-postgres",
+            "tenant pool write(company), 100 companies in turn",
+            "tenant pool write(company), one company",
+        ],
         "us/op",
     );
+    let mut round = [0.0; 3];
     comparison.run(ROUNDS, |variant| {
-        wait(mean_micros(|index| {
-            let (raw_pool, tenant_pool, company) = (&raw_pool, &tenant_pool, &companies[index % COMPANIES]);
-            async move {
-                let value: i32 = if variant == 0 {
-                    let client = raw_pool.get().await?;
-                    let statement = client.prepare_cached(QUERY).await?;
-                    client.query_one(&statement, &[&(index as i32)]).await?.get(0)
-                } else {
-                    let connection = tenant_pool.write(Some(company)).await?;
-                    let statement = connection.prepare_cached(QUERY).await?;
-                    connection.query_one(&statement, &[&(index as i32)]).await?.get(0)
-                };
-                anyhow::ensure!(value == index as i32);
-                Ok(())
-            }
-        }))
+        // The whole round is measured when its first variant is asked for (see checkout_round).
+        if variant == 0 {
+            round = wait(checkout_round(&raw_pool, [&rotating, &one_company], &companies))?;
+        }
+        Ok(round[variant])
     })?;
     print!("{}", comparison.report());
-    tenant_pool.close(Duration::from_secs(5)).await?;
+    for (name, pool) in [("100 companies in turn", &rotating), ("one company", &one_company)] {
+        let primary = &pool.health().await[0];
+        println!(
+            "checkout + query: {name}: {} attributions sent, {} skipped",
+            primary.attributions_sent, primary.attributions_skipped
+        );
+        pool.close(Duration::from_secs(5)).await?;
+    }
     Ok(())
+}
+
+/// `OPS` checkouts + queries of each variant, alternating operation by operation, so that a change of
+/// load on this shared machine weighs on every variant alike; returns the mean us/op of each.
+async fn checkout_round(
+    raw_pool: &Pool,
+    tenant_pools: [&TenantPool; 2],
+    companies: &[String],
+) -> Result<[f64; 3]> {
+    let mut spent = [Duration::ZERO; 3];
+    for index in 0..OPS {
+        let value = index as i32;
+        for (variant, spent) in spent.iter_mut().enumerate() {
+            let started = Instant::now();
+            let got: i32 = if variant == 0 {
+                let client = raw_pool.get().await?;
+                let statement = client.prepare_cached(QUERY).await?;
+                client.query_one(&statement, &[&value]).await?.get(0)
+            } else {
+                let company = &companies[if variant == 1 { index % COMPANIES } else { 0 }];
+                let connection = tenant_pools[variant - 1].write(Some(company)).await?;
+                let statement = connection.prepare_cached(QUERY).await?;
+                connection.query_one(&statement, &[&value]).await?.get(0)
+            };
+            *spent += started.elapsed();
+            anyhow::ensure!(got == value);
+        }
+    }
+    Ok(spent.map(|spent| spent.as_secs_f64() * 1e6 / OPS as f64))
+}
+
+/// A raw connection with the pool's statement prepared, and the query reading its backend's CPU time.
+struct RawSession {
+    client: tokio_postgres::Client,
+    query: tokio_postgres::Statement,
+    backend_cpu: tokio_postgres::Statement,
+}
+
+/// The pool's statement on a raw connection, alone or after the attribution `SET` pipelined in the same
+/// write (as the pool sends it): operations per second, and per second of the backend's CPU time. One
+/// connection per variant, so that each backend's CPU time is one variant's.
+async fn attribution_cost(cluster: &Cluster) -> Result<()> {
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let (client, connection) = tokio_postgres::connect(&cluster.connstr(), tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let (query, backend_cpu) =
+            (client.prepare(QUERY).await?, client.prepare(&format!("SELECT {BACKEND_CPU_NS}")).await?);
+        sessions.push(RawSession { client, query, backend_cpu });
+    }
+    let mut round = [(0.0, 0.0); 2];
+    let [by_time, by_cpu] = compare_with_cpu(
+        "one raw connection",
+        &["SELECT $1::int", "SET tenant_scale.company, then SELECT $1::int in the same write"],
+        "ops/s",
+        ROUNDS,
+        |variant| {
+            // As in checkout_round: the variants alternate operation by operation.
+            if variant == 0 {
+                round = wait(attribution_round(&sessions))?;
+            }
+            Ok(round[variant])
+        },
+    )?;
+    print!("{}{}", by_time.report(), by_cpu.report());
+    Ok(())
+}
+
+async fn attribution_round(sessions: &[RawSession]) -> Result<[(f64, f64); 2]> {
+    let backend_cpu_ns = async |session: &RawSession| -> Result<i64> {
+        Ok(session.client.query_one(&session.backend_cpu, &[]).await?.get(0))
+    };
+    let (mut spent, mut cpu_ns) = ([Duration::ZERO; 2], [0; 2]);
+    for (variant, session) in sessions.iter().enumerate() {
+        cpu_ns[variant] -= backend_cpu_ns(session).await?;
+    }
+    for index in 0..OPS {
+        let value = index as i32;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&value];
+        for (variant, session) in sessions.iter().enumerate() {
+            let started = Instant::now();
+            let row = if variant == 0 {
+                session.client.query_one(&session.query, &params).await?
+            } else {
+                let set = format!("SET tenant_scale.company = 'company-{}'", index % COMPANIES);
+                let set = session.client.batch_execute(&set);
+                let (set, row) = tokio::join!(biased; set, session.client.query_one(&session.query, &params));
+                set?;
+                row?
+            };
+            spent[variant] += started.elapsed();
+            anyhow::ensure!(row.get::<_, i32>(0) == value);
+        }
+    }
+    for (variant, session) in sessions.iter().enumerate() {
+        cpu_ns[variant] += backend_cpu_ns(session).await?;
+    }
+    Ok([0, 1].map(|variant| {
+        (OPS as f64 / spent[variant].as_secs_f64(), OPS as f64 * 1e9 / cpu_ns[variant] as f64)
+    }))
 }

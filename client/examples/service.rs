@@ -289,6 +289,7 @@ async fn health(State(app): State<Shared>) -> (StatusCode, Json<Value>) {
                 "serves_reads": node.serves_reads, "banned": node.banned,
                 "lag_ms": node.lag.map(|lag| lag.as_millis() as u64), "last_error": node.last_error,
                 "pool": {"size": node.size, "max": node.max_size, "in_use": node.in_use, "waiting": node.waiting},
+                "attributions": {"sent": node.attributions_sent, "skipped": node.attributions_skipped},
             })
         })
         .collect();

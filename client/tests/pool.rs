@@ -270,25 +270,155 @@ async fn a_failed_transaction_keeps_its_company_and_leaks_nothing() {
     assert_eq!(company_and_pid(&pool.write(Some("globex")).await.unwrap()).await.0, "globex");
 }
 
+/// `SET tenant_scale.company` statements the server ran, from its log (the cluster must log every
+/// statement): what a skipped attribution leaves out, seen from the server's side.
+fn attributions_in_server_log(cluster: &Cluster) -> usize {
+    std::fs::read_to_string(cluster.log_path())
+        .unwrap()
+        .matches("statement: SET tenant_scale.company")
+        .count()
+}
+
+/// The pool's counts of attributions sent and skipped on the primary.
+async fn attributions_counted(pool: &TenantPool) -> (u64, u64) {
+    let primary = &pool.health().await[0];
+    (primary.attributions_sent, primary.attributions_skipped)
+}
+
+/// Calls company_stats counts for `company` (0 when it has no entry).
+fn calls_of(cluster: &Cluster, company: &str) -> i64 {
+    cluster
+        .psql(&format!(
+            "SELECT coalesce(sum(calls), 0) FROM tenant_scale.company_stats WHERE company_id = '{company}'"
+        ))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_for_the_company_a_connection_already_carries_sends_no_set() {
+    let primary = Cluster::builder().setting("log_statement", "all").start().unwrap();
+    let pool = TenantPool::connect(single_connection(&primary)).await.unwrap();
+    let pid = company_and_pid(&pool.write(Some("acme")).await.unwrap()).await.1;
+    assert_eq!((attributions_in_server_log(&primary), attributions_counted(&pool).await), (1, (1, 0)));
+    for _ in 0..2 {
+        assert_eq!(
+            company_and_pid(&pool.write(Some("acme")).await.unwrap()).await,
+            ("acme".to_string(), pid)
+        );
+    }
+    assert_eq!(
+        (attributions_in_server_log(&primary), attributions_counted(&pool).await),
+        (1, (1, 2)),
+        "the server reported acme after the first SET: the next two checkouts sent none"
+    );
+    assert_eq!(calls_of(&primary, "acme"), 3, "and their statements were counted for acme");
+    assert_eq!(company_and_pid(&pool.write(Some("globex")).await.unwrap()).await.0, "globex");
+    assert_eq!(attributions_in_server_log(&primary), 2, "another company: SET");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_company_changed_through_sql_is_set_again_for_the_next_checkout_of_the_same_company() {
+    let primary = Cluster::builder().start().unwrap();
+    let pool = TenantPool::connect(single_connection(&primary)).await.unwrap();
+    let pid = company_and_pid(&pool.write(Some("acme")).await.unwrap()).await.1;
+    let changes = [
+        "SET tenant_scale.company = 'x-set'",
+        "SELECT set_config('tenant_scale.company', 'x-set_config', false)",
+        "RESET tenant_scale.company",
+    ];
+    for change in changes {
+        pool.write(Some("acme")).await.unwrap().execute(change, &[]).await.unwrap();
+        let (sent, _) = attributions_counted(&pool).await;
+        let calls = calls_of(&primary, "acme");
+        let next = pool.write(Some("acme")).await.unwrap();
+        assert_eq!(company_and_pid(&next).await, ("acme".to_string(), pid), "after {change}");
+        drop(next);
+        assert_eq!(attributions_counted(&pool).await.0, sent + 1, "the server's report made it send a SET");
+        assert_eq!(calls_of(&primary, "acme"), calls + 1, "after {change}");
+    }
+    let leaked =
+        primary.psql("SELECT count(*) FROM tenant_scale.company_stats WHERE company_id LIKE 'x-%'").unwrap();
+    assert_eq!(leaked, "0", "no statement of a later checkout counted for the company set through SQL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_dropped_unfinished_never_leaves_a_stale_report_to_the_next_checkout() {
+    let primary = Cluster::builder().start().unwrap();
+    let pool = TenantPool::connect(single_connection(&primary)).await.unwrap();
+    let mut connection = pool.write(Some("globex")).await.unwrap();
+    let pid = company_and_pid(&connection).await.1;
+    {
+        let transaction = connection.transaction().await.unwrap();
+        transaction.batch_execute("SET tenant_scale.company = 'acme'").await.unwrap();
+        // Still running when the transaction is dropped: the ROLLBACK queued behind it, which puts globex
+        // back, is answered only half a second later. Until then the server's last report says acme.
+        let sleep = transaction.batch_execute("SELECT pg_sleep(0.5)");
+        assert!(tokio::time::timeout(Duration::from_millis(50), sleep).await.is_err());
+    }
+    drop(connection);
+    let next = pool.write(Some("acme")).await.unwrap();
+    assert_eq!(company_and_pid(&next).await, ("acme".to_string(), pid));
+    drop(next);
+    assert_eq!(attributions_counted(&pool).await, (2, 0), "the transaction left it unsettled: SET");
+    assert_eq!((calls_of(&primary, "acme"), calls_of(&primary, "globex")), (2, 1), "the sleep and the check");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_abandoned_mid_way_never_leaves_a_stale_report_to_the_next_checkout() {
+    let primary = Cluster::builder().start().unwrap();
+    let pool = TenantPool::connect(single_connection(&primary)).await.unwrap();
+    let connection = pool.write(Some("acme")).await.unwrap();
+    // The FROM item runs first: the setting changes (and is reported) half a second after the start.
+    let late_change = connection
+        .prepare_cached("SELECT set_config('tenant_scale.company', 'mallory', false) FROM pg_sleep(0.5)")
+        .await
+        .unwrap();
+    let pid = company_and_pid(&connection).await.1;
+    let abandoned = tokio::time::timeout(Duration::from_millis(50), connection.execute(&late_change, &[]));
+    assert!(abandoned.await.is_err(), "still running when its future is dropped");
+    drop(connection);
+    let next = pool.write(Some("acme")).await.unwrap();
+    assert_eq!(company_and_pid(&next).await, ("acme".to_string(), pid));
+    drop(next);
+    assert_eq!(calls_of(&primary, "mallory"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_preload_the_server_reports_nothing_and_every_checkout_sets_the_company() {
+    let primary = Cluster::builder().without_preload().setting("log_statement", "all").start().unwrap();
+    let pool = TenantPool::connect(single_connection(&primary)).await.unwrap();
+    let pid = company_and_pid(&pool.write(Some("acme")).await.unwrap()).await.1;
+    for company in ["acme", "acme", ""] {
+        let connection = pool.write(Some(company)).await.unwrap();
+        assert_eq!(company_and_pid(&connection).await, (company.to_string(), pid));
+    }
+    assert_eq!((attributions_in_server_log(&primary), attributions_counted(&pool).await), (4, (4, 0)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_whose_attribution_failed_is_discarded() {
     let primary = Cluster::builder().start().unwrap();
     let pool = TenantPool::connect(single_connection(&primary)).await.unwrap();
     // A transaction opened and failed through `execute` (a path the pool does not watch) goes back to
-    // the pool in a failed transaction block, where the next checkout's SET fails.
-    let connection = pool.write(Some("acme")).await.unwrap();
-    let failed_in = company_and_pid(&connection).await.1;
-    connection.execute("BEGIN", &[]).await.unwrap();
-    assert!(connection.execute("SELECT 1 / 0", &[]).await.is_err());
-    drop(connection);
+    // the pool in a failed transaction block, where the next checkout's SET fails. For the same company
+    // too: the server still reports acme, but the failed statement left the connection unsettled.
+    for next_company in ["globex", "acme"] {
+        let connection = pool.write(Some("acme")).await.unwrap();
+        let failed_in = company_and_pid(&connection).await.1;
+        connection.execute("BEGIN", &[]).await.unwrap();
+        assert!(connection.execute("SELECT 1 / 0", &[]).await.is_err());
+        drop(connection);
 
-    let next = pool.write(Some("globex")).await.unwrap();
-    let error = next.query_one("SELECT 1", &[]).await.unwrap_err();
-    assert!(matches!(&error, Error::Attribution { company, .. } if company == "globex"), "{error:?}");
-    drop(next);
-    let (company, pid) = company_and_pid(&pool.write(Some("globex")).await.unwrap()).await;
-    assert_eq!(company, "globex");
-    assert_ne!(pid, failed_in, "the connection was closed, not handed out again");
+        let next = pool.write(Some(next_company)).await.unwrap();
+        let error = next.query_one("SELECT 1", &[]).await.unwrap_err();
+        assert!(matches!(&error, Error::Attribution { company, .. } if company == next_company), "{error:?}");
+        drop(next);
+        let (company, pid) = company_and_pid(&pool.write(Some(next_company)).await.unwrap()).await;
+        assert_eq!(company, next_company);
+        assert_ne!(pid, failed_in, "the connection was closed, not handed out again");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

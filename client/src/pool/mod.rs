@@ -15,6 +15,7 @@
 mod config;
 mod connection;
 mod error;
+mod manager;
 mod node;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -1,4 +1,5 @@
-//! One server (the primary or a replica): its deadpool pool and what the last check found.
+//! One server (the primary or a replica): its deadpool pool (over `manager.rs`), what the last check
+//! found, and how many checkouts sent or skipped the attribution.
 //!
 //! Invariants:
 //! - A replica serves reads only while its last check passed (reachable, in recovery, replay not
@@ -12,14 +13,17 @@
 //! - The state mutex is a std mutex, held to read or write the fields, never across an await. The
 //!   monitor connection is behind a tokio mutex, since a check holds it across its query.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool::Runtime;
+use deadpool::managed::{Hook, HookError};
 use tokio_postgres::NoTls;
 
 use super::config::PoolConfig;
 use super::error::Error;
+use super::manager::{Pool, TenantManager};
 use crate::lock::locked;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +65,8 @@ pub(crate) struct Node {
     state: Mutex<NodeState>,
     monitor_config: tokio_postgres::Config,
     monitor: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    attributions_sent: AtomicU64,
+    attributions_skipped: AtomicU64,
 }
 
 /// One node as `TenantPool::health()` reports it.
@@ -80,6 +86,10 @@ pub struct NodeHealth {
     pub max_size: usize,
     pub in_use: usize,
     pub waiting: usize,
+    /// Since the pool started: `SET tenant_scale.company` statements sent, and checkouts that sent none
+    /// because the server had last reported that very company on the connection (see `TenantConnection`).
+    pub attributions_sent: u64,
+    pub attributions_skipped: u64,
 }
 
 impl Node {
@@ -101,8 +111,7 @@ impl Node {
             Role::Primary => (config.primary_max, config.primary_min),
             Role::Replica => (config.replica_max, config.replica_min),
         };
-        let manager =
-            Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = TenantManager::new(pg);
         let recycle_after = config.recycle_after_uses as usize;
         let pool = Pool::builder(manager)
             .max_size(max)
@@ -128,6 +137,8 @@ impl Node {
             state: Mutex::new(state),
             monitor_config,
             monitor: tokio::sync::Mutex::default(),
+            attributions_sent: AtomicU64::new(0),
+            attributions_skipped: AtomicU64::new(0),
         })
     }
 
@@ -149,6 +160,12 @@ impl Node {
         // not hand reads back to it on that old word.
         state.serves_reads = false;
         state.last_error = Some(error);
+    }
+
+    /// Counts a checkout's attribution: sent, or skipped as needless.
+    pub(crate) fn count_attribution(&self, sent: bool) {
+        let counter = if sent { &self.attributions_sent } else { &self.attributions_skipped };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Asks the server how it is, within `timeout`, and records the answer.
@@ -269,6 +286,8 @@ impl Node {
             max_size: status.max_size,
             in_use: status.size - status.available,
             waiting: status.waiting,
+            attributions_sent: self.attributions_sent.load(Ordering::Relaxed),
+            attributions_skipped: self.attributions_skipped.load(Ordering::Relaxed),
         }
     }
 }
