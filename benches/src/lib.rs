@@ -142,6 +142,15 @@ impl Comparison {
         Ok(())
     }
 
+    /// Records a round measured all at once by a runner that alternates the variants itself (finer
+    /// than one run per variant): one figure per variant, in variant order.
+    pub fn record_round(&mut self, figures: &[f64]) {
+        assert_eq!(figures.len(), self.variants.len(), "one figure per variant");
+        for ((_, recorded), figure) in self.variants.iter_mut().zip(figures) {
+            recorded.push(*figure);
+        }
+    }
+
     /// Median over rounds of `variant / baseline`, for the variant at `index`.
     pub fn median_ratio(&self, index: usize) -> f64 {
         self.median_ratio_to(index, 0)
@@ -256,6 +265,14 @@ mod tests {
         assert!(comparison.report().contains("median ratio to plain 0.950x"));
         assert!((comparison.median_ratio_to(0, 1) - 1.0 / 0.95).abs() < 1e-9);
         assert_eq!(median(&[3.0, 1.0, 2.0, 4.0]), 2.5);
+    }
+
+    #[test]
+    fn a_round_measured_at_once_is_recorded_in_variant_order() {
+        let mut comparison = Comparison::new("w", &["plain", "ext"], "tps");
+        comparison.record_round(&[100.0, 90.0]);
+        comparison.record_round(&[50.0, 40.0]);
+        assert!((comparison.median_ratio(1) - 0.85).abs() < 1e-9);
     }
 
     #[test]

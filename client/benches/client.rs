@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tenant_scale_benches::{BACKEND_CPU_NS, Comparison, compare_with_cpu, machine_header};
+use tenant_scale_benches::{BACKEND_CPU_NS, Comparison, machine_header};
 use tenant_scale_client::RedisConfig;
 use tenant_scale_client::cache::{Cache, CacheConfig};
 use tenant_scale_client::pool::{PoolConfig, TenantPool};
@@ -155,14 +155,9 @@ async fn pool_checkout_against_raw_deadpool(cluster: &Cluster) -> Result<()> {
         ],
         "us/op",
     );
-    let mut round = [0.0; 3];
-    comparison.run(ROUNDS, |variant| {
-        // The whole round is measured when its first variant is asked for (see checkout_round).
-        if variant == 0 {
-            round = wait(checkout_round(&raw_pool, [&rotating, &one_company], &companies))?;
-        }
-        Ok(round[variant])
-    })?;
+    for _ in 0..ROUNDS {
+        comparison.record_round(&checkout_round(&raw_pool, [&rotating, &one_company], &companies).await?);
+    }
     print!("{}", comparison.report());
     for (name, pool) in [("100 companies in turn", &rotating), ("one company", &one_company)] {
         let primary = &pool.health().await[0];
@@ -223,20 +218,15 @@ async fn attribution_cost(cluster: &Cluster) -> Result<()> {
             (client.prepare(QUERY).await?, client.prepare(&format!("SELECT {BACKEND_CPU_NS}")).await?);
         sessions.push(RawSession { client, query, backend_cpu });
     }
-    let mut round = [(0.0, 0.0); 2];
-    let [by_time, by_cpu] = compare_with_cpu(
-        "one raw connection",
-        &["SELECT $1::int", "SET tenant_scale.company, then SELECT $1::int in the same write"],
-        "ops/s",
-        ROUNDS,
-        |variant| {
-            // As in checkout_round: the variants alternate operation by operation.
-            if variant == 0 {
-                round = wait(attribution_round(&sessions))?;
-            }
-            Ok(round[variant])
-        },
-    )?;
+    let variants = ["SELECT $1::int", "SET tenant_scale.company, then SELECT $1::int in the same write"];
+    let mut by_time = Comparison::new("one raw connection", &variants, "ops/s");
+    let mut by_cpu = Comparison::new("one raw connection", &variants, "per server CPU second");
+    for _ in 0..ROUNDS {
+        // As in checkout_round: the variants alternate operation by operation.
+        let round = attribution_round(&sessions).await?;
+        by_time.record_round(&round.map(|(rate, _)| rate));
+        by_cpu.record_round(&round.map(|(_, rate_per_cpu)| rate_per_cpu));
+    }
     print!("{}{}", by_time.report(), by_cpu.report());
     Ok(())
 }
