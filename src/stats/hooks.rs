@@ -138,9 +138,9 @@ pub(crate) fn statement_started(query: *mut pg_sys::QueryDesc, attribution: Attr
 /// counted).
 pub(crate) fn is_timed(query: *const pg_sys::QueryDesc) -> bool {
     BACKEND.with(|backend| {
-        backend.captures.borrow().iter().rev().any(|capture| {
-            std::ptr::eq(capture.query, query) && matches!(capture.attribution, Attribution::Company(_))
-        })
+        let captures = backend.captures.borrow();
+        capture_of(&captures, query)
+            .is_some_and(|position| matches!(captures[position].attribution, Attribution::Company(_)))
     })
 }
 
@@ -148,12 +148,16 @@ pub(crate) fn is_timed(query: *const pg_sys::QueryDesc) -> bool {
 /// COMMIT drops the captures of the transaction that ended, holdable cursors' included.
 pub(crate) fn add_execution_time(query: *const pg_sys::QueryDesc, nanos: i64) {
     BACKEND.with(|backend| {
-        if let Some(capture) =
-            backend.captures.borrow_mut().iter_mut().rev().find(|capture| std::ptr::eq(capture.query, query))
-        {
-            capture.executing_nanos += nanos;
+        let mut captures = backend.captures.borrow_mut();
+        if let Some(position) = capture_of(&captures, query) {
+            captures[position].executing_nanos += nanos;
         }
     });
+}
+
+/// Where `query`'s capture is, searching from the innermost statement.
+fn capture_of(captures: &[Capture], query: *const pg_sys::QueryDesc) -> Option<usize> {
+    captures.iter().rposition(|capture| std::ptr::eq(capture.query, query))
 }
 
 /// ExecutorEnd is about to free `query`: errors noted meanwhile, and the statement's figures.
@@ -164,7 +168,7 @@ pub(crate) unsafe fn statement_ending(query: *mut pg_sys::QueryDesc) {
     flush_pending_errors();
     let capture = BACKEND.with(|backend| {
         let mut captures = backend.captures.borrow_mut();
-        let position = captures.iter().rposition(|capture| std::ptr::eq(capture.query, query))?;
+        let position = capture_of(&captures, query)?;
         Some(captures.remove(position))
     });
     if let Some(capture) = capture {
