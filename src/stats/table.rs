@@ -8,8 +8,11 @@
 //!   unless it is the first statement of a company.
 //! - each entry's spinlock protects its `Counters`; it is held for a few dozen instructions (no
 //!   allocation, no PostgreSQL call, nothing that can raise an error).
-//! - `evicted`, `unattributed_calls` and `stats_reset` are atomics; `median_usage` is read and written
-//!   only under the exclusive lock.
+//! - `evicted`, `unattributed_calls` and `stats_reset` are atomics; `median_usage` and `removals` are
+//!   written only under the exclusive lock (`removals` is read under the shared one).
+//! - Each backend remembers the last entry it found (`LAST_FOUND`) and uses it again, without a hash
+//!   search, while the table has had no removal since: entries never move, so only a removal can hand
+//!   an entry's memory to another company.
 //!
 //! Capacity policy (as pg_stat_statements): when a new company arrives and the table is full, every
 //! entry's usage score (calls and errors, see `counters.rs`) decays by 1 %, and the 5 % with the lowest
@@ -88,9 +91,19 @@ struct Entry {
     counters: SpinLock<Counters>,
 }
 
-/// The key this backend hashed last, with its hash value: a backend's statements come mostly for
-/// one company after another, and comparing the 68-byte key costs less than hashing it again.
-static LAST_HASHED: BackendLocal<Cell<Option<(CompanyKey, u32)>>> = BackendLocal::new(Cell::new(None));
+/// The entry this backend found last: a backend's statements come mostly for one company after
+/// another, and comparing the 68-byte key costs less than hashing it and searching the table again.
+#[derive(Clone, Copy)]
+struct LastFound {
+    key: CompanyKey,
+    hash: u32,
+    entry: *const Entry,
+    /// `Shared::removals` when `entry` was found: while it has not moved, the entry still holds `key`
+    /// (entries never move, and only a removal frees one for another key).
+    removals: u64,
+}
+
+static LAST_FOUND: BackendLocal<Cell<Option<LastFound>>> = BackendLocal::new(Cell::new(None));
 
 /// The region's root, in shared memory. The pointers are set once by the postmaster and are valid
 /// at the same address in every backend (they inherit the mapping through fork).
@@ -101,6 +114,8 @@ pub(super) struct Shared {
     max_companies: usize,
     bytes: usize,
     evicted: AtomicU64,
+    /// Entries removed from the table since start-up; changed only under the exclusive lock.
+    removals: AtomicU64,
     unattributed_calls: AtomicU64,
     stats_reset: AtomicI64,
     median_usage: AtomicU64,
@@ -154,6 +169,7 @@ unsafe fn init_shared(locks: *mut pg_sys::LWLockPadded) -> *mut Shared {
                 max_companies: max_companies(),
                 bytes: shared_size(),
                 evicted: AtomicU64::new(0),
+                removals: AtomicU64::new(0),
                 unattributed_calls: AtomicU64::new(0),
                 stats_reset: AtomicI64::new(pg_sys::GetCurrentTimestamp()),
                 median_usage: AtomicU64::new(INITIAL_USAGE.to_bits()),
@@ -177,24 +193,29 @@ impl Shared {
 
     /// The entry for `key`; the caller holds the lock in either mode.
     fn find(&self, _held: &Locked<'_>, key: &CompanyKey) -> Option<&Entry> {
-        let hash = self.hash_of(key);
-        // SAFETY: a FIND never modifies the table; entries live until removed under the exclusive lock,
-        // which cannot happen while the caller holds the lock.
-        unsafe { unguarded::hash_find(self.hash, key, hash).cast::<Entry>().as_ref() }
-    }
-
-    fn hash_of(&self, key: &CompanyKey) -> u32 {
-        LAST_HASHED.with(|last| {
-            if let Some((last_key, hash)) = last.get()
-                && last_key == *key
-            {
-                return hash;
-            }
+        // Stable while the caller holds the lock: removals take it exclusively.
+        let removals = self.removals.load(Ordering::Relaxed);
+        let last = LAST_FOUND.with(Cell::get).filter(|last| last.key == *key);
+        if let Some(last) = last
+            && last.removals == removals
+        {
+            // SAFETY: the entry was found for this key and nothing was removed from the table since, so
+            // it still holds the key; it lives until removed under the exclusive lock, which cannot
+            // happen while the caller holds the lock.
+            return unsafe { last.entry.as_ref() };
+        }
+        let hash = match last {
+            Some(last) => last.hash,
             // SAFETY: only computes the table's hash function (the same in every backend) over the key.
-            let hash = unsafe { pg_sys::get_hash_value(self.hash, std::ptr::from_ref(key).cast()) };
-            last.set(Some((*key, hash)));
-            hash
-        })
+            None => unsafe { pg_sys::get_hash_value(self.hash, std::ptr::from_ref(key).cast()) },
+        };
+        // SAFETY: a FIND never modifies the table; see above for the entry's lifetime.
+        let entry = unsafe { unguarded::hash_find(self.hash, key, hash).cast::<Entry>() };
+        if !entry.is_null() {
+            LAST_FOUND.with(|cell| cell.set(Some(LastFound { key: *key, hash, entry, removals })));
+        }
+        // SAFETY: as above.
+        unsafe { entry.as_ref() }
     }
 
     /// Every entry; the caller holds the lock in either mode.
@@ -256,6 +277,7 @@ impl Shared {
         if let Some((median, _)) = scored.get(victims + (scored.len() - victims) / 2) {
             self.median_usage.store(median.to_bits(), Ordering::Relaxed);
         }
+        self.removals.fetch_add(victims as u64, Ordering::Relaxed);
         for (_, entry) in &scored[..victims] {
             // SAFETY: exclusive lock held; the entry's memory returns to the table's free list, and
             // no reference to it survives this loop.

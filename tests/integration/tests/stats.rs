@@ -193,6 +193,41 @@ fn twenty_thousand_companies_with_room_for_a_thousand_evict_without_growing() {
 }
 
 #[test]
+fn a_company_evicted_by_another_backend_is_counted_again_from_scratch() {
+    // A backend remembers where its company's entry is. Once another backend's arrivals evicted it,
+    // that memory may hold another company: the next statement must create a new entry, not add to it.
+    let cluster = Cluster::builder().setting("tenant_scale.max_companies", 100).start().unwrap();
+    let mut steady = cluster.connect().unwrap();
+    steady.batch_execute("SET tenant_scale.company = 'steady'").unwrap();
+    for _ in 0..3 {
+        steady.query("SELECT 1", &[]).unwrap();
+    }
+    let mut admin = cluster.connect().unwrap();
+    assert_eq!(counts(&mut admin, "steady").0, 3);
+
+    let mut flood = cluster.connect().unwrap();
+    let statements: String =
+        (0..2000).map(|company| format!("SET tenant_scale.company = 'flood-{company}'; SELECT 1;")).collect();
+    flood.batch_execute(&statements).unwrap();
+    let tracked = |admin: &mut Client, company: &str| -> bool {
+        admin
+            .query_one("SELECT count(*) FROM tenant_scale.company_stats WHERE company_id = $1", &[&company])
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    };
+    assert!(!tracked(&mut admin, "steady"), "2,000 arrivals with room for 100 evict an idle company");
+
+    steady.query("SELECT 1", &[]).unwrap();
+    assert_eq!(counts(&mut admin, "steady").0, 1, "counted from scratch in a new entry");
+    let most_calls_of_another: i64 = admin
+        .query_one("SELECT max(calls) FROM tenant_scale.company_stats WHERE company_id <> 'steady'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(most_calls_of_another, 1, "every flood company ran one statement, and nobody else's");
+}
+
+#[test]
 fn clean_restart_keeps_the_stats_and_a_crash_starts_empty() {
     let mut cluster = Cluster::builder().start().unwrap();
     let figures = "SELECT calls, errors, rows, total_ms, p95_ms, first_seen::text, stats_since::text \
