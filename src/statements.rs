@@ -12,8 +12,9 @@
 //!   ProcessUtility pushes a marker (COPY fires triggers without the executor), popping when they
 //!   return: a trigger's row belongs to the query on top, and the stack's depth is the nesting depth
 //!   (0 for a statement the client sent).
-//! - The clock is read around ExecutorRun and ExecutorFinish only for a query the statistics time; a
-//!   run that fails never reports its time (the statement is counted as an error instead).
+//! - The clock is read around ExecutorRun and ExecutorFinish only for a query the statistics time (and
+//!   around ExecutorFinish only when it can run something, see `finish_can_take_time`); a run that
+//!   fails never reports its time (the statement is counted as an error instead).
 //! - Every hook chains to the one installed before it (crate::hook_chain, unguarded, so nothing that
 //!   needs dropping is alive across the chained call). A statement that fails never returns, so a
 //!   (sub)transaction abort puts the stack back where it was when the (sub)transaction started.
@@ -114,6 +115,17 @@ fn execution_ended(query: *mut pg_sys::QueryDesc, started: Option<i64>) {
     }
 }
 
+/// Whether `query`'s ExecutorFinish can do work worth timing: AFTER triggers and the rest of writable
+/// CTEs run there. A plain SELECT queues neither (a function it calls runs its statements in executors
+/// of their own), so its finish is not timed: two clock reads out of a -S transaction's four.
+///
+/// # Safety
+/// `query` is a started query.
+unsafe fn finish_can_take_time(query: *mut pg_sys::QueryDesc) -> bool {
+    // SAFETY: a started query has its planned statement.
+    unsafe { (*query).operation != pg_sys::CmdType::CMD_SELECT || (*(*query).plannedstmt).hasModifyingCTE }
+}
+
 /// CLOCK_MONOTONIC (the clock PostgreSQL's instrumentation reads) in nanoseconds. Read directly:
 /// `std::time::Instant` adds checks that cost more than the clock read itself.
 fn monotonic_nanos() -> i64 {
@@ -157,7 +169,8 @@ unsafe extern "C-unwind" fn executor_run(
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
     push(Running::Query(query));
-    let started = execution_started(query);
+    // SAFETY: ExecutorFinish is called with a started query.
+    let started = if unsafe { finish_can_take_time(query) } { execution_started(query) } else { None };
     // SAFETY: chaining with PostgreSQL's own argument.
     unsafe { hook_chain::executor_finish(PREV_EXECUTOR_FINISH, query) };
     execution_ended(query, started);
@@ -237,10 +250,21 @@ unsafe extern "C-unwind" fn process_utility(
     pop();
 }
 
-/// One callback for every module, called in this order (statistics, quotas, the stack): a
+/// PostgreSQL calls this at every event of every transaction. PRE_COMMIT matters only to quotas whose
+/// counters are not in shared memory; otherwise it returns here, without crossing into guarded Rust
+/// (about 40 instructions, one of a pgbench -S transaction's two events). Nothing here can panic.
+unsafe extern "C-unwind" fn transaction_event(event: pg_sys::XactEvent::Type, arg: *mut c_void) {
+    if event == pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT && !quota::writes_back_at_pre_commit() {
+        return;
+    }
+    // SAFETY: PostgreSQL's own arguments.
+    unsafe { handle_transaction_event(event, arg) }
+}
+
+/// One handler for every module, called in this order (statistics, quotas, the stack): a
 /// transaction event crosses into Rust once.
 #[pg_guard]
-unsafe extern "C-unwind" fn transaction_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+unsafe extern "C-unwind" fn handle_transaction_event(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     if shmem::is_preloaded() {
         stats::transaction_event(event);
     }

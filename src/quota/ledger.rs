@@ -516,10 +516,16 @@ fn refuse_prepare() {
     }
 }
 
+/// Whether pre-commit has work for quotas: writing usage back to the table, which holds it only when
+/// the counters are not in shared memory (the library was not preloaded).
+pub(crate) fn writes_back_at_pre_commit() -> bool {
+    counters::shared().is_none()
+}
+
 /// Without shared memory, the new counts go into the usage rows this transaction has locked, while
 /// it can still fail.
 fn write_back_locked_counts() {
-    if counters::shared().is_some() {
+    if !writes_back_at_pre_commit() {
         return;
     }
     // A truncated table's usage rows were deleted with the TRUNCATE: nothing to write for it.

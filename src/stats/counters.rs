@@ -135,7 +135,8 @@ impl Counters {
     /// One statement that completed: `micros` as measured (fractional), `rows` processed.
     #[inline]
     pub fn record_call(&mut self, micros: f64, rows: u64, at: i64) {
-        let rounded = micros.round().clamp(0.0, histogram::MAX_TRACKED_MICROS as f64) as u64;
+        // Rounded half up without f64::round (a libm call); `as` saturates a negative or NaN to 0.
+        let rounded = ((micros + 0.5) as u64).min(histogram::MAX_TRACKED_MICROS);
         if self.calls == 0 || micros < self.min_micros {
             self.min_micros = micros;
         }
@@ -344,6 +345,17 @@ mod tests {
         assert_eq!(summary.p99_ms, summary.max_ms);
         assert_eq!(summary.p50_ms, summary.max_ms);
         assert!((summary.p50_ms.unwrap() - 1.0302).abs() < 1e-12);
+    }
+
+    #[test]
+    fn durations_are_rounded_to_the_nearest_microsecond_before_bucketing() {
+        let mut counters = Counters::new(T0, 0.0);
+        for micros in [2.49, 2.5, 0.2, -0.0, f64::NAN, 1e12] {
+            counters.record_call(micros, 0, T0);
+        }
+        let nonzero = counters.latency.nonzero();
+        let top = (histogram::bucket_of(histogram::MAX_TRACKED_MICROS) as u16, 1);
+        assert_eq!(nonzero, vec![(0, 3), (2, 1), (3, 1), top]);
     }
 
     #[test]
