@@ -98,8 +98,8 @@ struct LastFound {
     key: CompanyKey,
     hash: u32,
     entry: *const Entry,
-    /// `Shared::removals` when `entry` was found: while it has not moved, the entry still holds `key`
-    /// (entries never move, and only a removal frees one for another key).
+    /// `Shared::removals` when `entry` was found: while the count is the same, `entry` still holds
+    /// `key` (entries never move, and only a removal frees one for another key).
     removals: u64,
 }
 
