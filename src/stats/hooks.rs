@@ -24,6 +24,7 @@
 use std::cell::RefCell;
 use std::ffi::{CStr, c_int};
 
+use pgrx::GucEnum;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
@@ -101,8 +102,13 @@ fn tracking(nesting: usize) -> bool {
     // SAFETY: plain globals; parallel workers report to their leader, which counts the statement.
     let ordinary_backend =
         unsafe { pg_sys::ParallelWorkerNumber < 0 && pg_sys::MyDatabaseId != pg_sys::Oid::INVALID };
+    // Read raw, as `current_company` reads its setting: `GucSetting::get` checks the calling thread
+    // through a thread-local lookup on every statement, and hooks only ever run on the backend's
+    // main thread.
+    // SAFETY: the GUC machinery keeps the variable a valid ordinal of `Track`.
+    let track = Track::from_ordinal(unsafe { *TRACK.as_ptr() });
     ordinary_backend
-        && match TRACK.get() {
+        && match track {
             Track::None => false,
             Track::Top => nesting == 0,
             Track::All => true,
