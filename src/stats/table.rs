@@ -114,7 +114,8 @@ pub(super) struct Shared {
     max_companies: usize,
     bytes: usize,
     evicted: AtomicU64,
-    /// Entries removed from the table since start-up; changed only under the exclusive lock.
+    /// Entries removed from the table since start-up; changed only under the exclusive lock. Not
+    /// `evicted`: a reset zeroes that, so a value a backend remembered could come round again.
     removals: AtomicU64,
     unattributed_calls: AtomicU64,
     stats_reset: AtomicI64,
