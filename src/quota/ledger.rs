@@ -516,6 +516,22 @@ fn refuse_prepare() {
     }
 }
 
+/// Whether COMMIT would change nothing of the quotas' backend state: no upsert noted, no counter
+/// touched or table truncated by the transaction, and the kept touches still of the current
+/// configuration and within bounds (see `Ledger::finish_transaction`). Never panics (crate::statements
+/// calls it before pgrx's guard); false when the state is borrowed, so the full handler decides.
+pub(crate) fn settled_at_commit() -> bool {
+    statement::settled_at_commit()
+        && LEDGER.with(|ledger| {
+            ledger.try_borrow().is_ok_and(|ledger| {
+                ledger.active.is_empty()
+                    && ledger.truncations.is_empty()
+                    && ledger.generation == config::generation()
+                    && ledger.index.len() <= MAX_KEPT_TOUCHES
+            })
+        })
+}
+
 /// Whether pre-commit has work for quotas: writing usage back to the table, which holds it only when
 /// the counters are not in shared memory (the library was not preloaded).
 pub(crate) fn writes_back_at_pre_commit() -> bool {

@@ -30,7 +30,9 @@ mod slow;
 mod statement;
 mod trigger;
 
-pub(crate) use ledger::{subtransaction_event, transaction_event, writes_back_at_pre_commit};
+pub(crate) use ledger::{
+    settled_at_commit, subtransaction_event, transaction_event, writes_back_at_pre_commit,
+};
 pub(crate) use statement::{statement_ending, statement_finished, statement_started};
 
 pgrx::extension_sql_file!("../../sql/quota.sql", name = "quota_tables");

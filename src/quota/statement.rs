@@ -101,6 +101,11 @@ pub(super) fn reset() {
     with_upserts(|upserts| upserts.clear());
 }
 
+/// No upsert has notes: what `reset` would leave. Never panics.
+pub(super) fn settled_at_commit() -> bool {
+    UPSERTS.with(|upserts| upserts.try_borrow().is_ok_and(|upserts| upserts.is_empty()))
+}
+
 /// The notes of `query` if it is a running upsert, which it no longer is.
 fn forget_upsert(query: *mut pg_sys::QueryDesc) -> Option<UpsertNotes> {
     with_upserts(|upserts| if upserts.is_empty() { None } else { upserts.remove(&(query as usize)) })

@@ -249,6 +249,16 @@ pub(super) fn commit_with_transaction(intervals: Vec<(CompanyKey, Interval)>) {
     });
 }
 
+/// Whether COMMIT has nothing to settle for the statistics: no capture left over, no snapshot waiting
+/// for it. Never panics (crate::statements calls it before pgrx's guard); false when the state is
+/// borrowed, so the full handler decides.
+pub(crate) fn settled_at_commit() -> bool {
+    BACKEND.with(|backend| {
+        backend.captures.try_borrow().is_ok_and(|captures| captures.is_empty())
+            && backend.pending_snapshots.try_borrow().is_ok_and(|pending| pending.is_empty())
+    })
+}
+
 /// A transaction event, from crate::statements' transaction callback (only when preloaded).
 pub(crate) fn transaction_event(event: pg_sys::XactEvent::Type) {
     match event {

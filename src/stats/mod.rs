@@ -24,7 +24,7 @@ mod table;
 mod worker;
 
 pub(crate) use hooks::{
-    add_execution_time, is_timed, statement_ending, statement_started, statement_starting,
+    add_execution_time, is_timed, settled_at_commit, statement_ending, statement_started, statement_starting,
     subtransaction_event, transaction_event,
 };
 
