@@ -1,25 +1,33 @@
-//! benches/run stats [RUN_SCALE] [ROUNDS]: the cost of per-company statistics on the statement path.
-//! RUN_SCALE multiplies the transactions of every run (default 2); ROUNDS defaults to 15 (about 12
-//! minutes on 2 cores: with fewer, the same ratio moved by 5 % and more from one run to the next).
+//! benches/run stats [RUN_SCALE] [ROUNDS] [INTERLEAVED_ROUNDS]: the cost of per-company statistics on
+//! the statement path. About 8 minutes on 2 cores with the defaults.
 //!
-//! Five clusters side by side, measured in interleaved rounds: vanilla PostgreSQL; a second vanilla
-//! cluster, identical to the first (an A/A check: how far two identical clusters land apart in one
-//! run is how fine the other ratios can be read); pg_stat_statements preloaded; tenant_scale
-//! preloaded, every connection attributed to a company (one of 100 tracked ones, a different one
-//! each round); both preloaded. Workloads: pgbench -S (one indexed SELECT),
-//! a small read/write script (UPDATE + SELECT), both with 2 clients, and -S with 8 clients all on one
-//! company (every statement updates the same entry). Targets (issue 4): tenant_scale >= 0.97x vanilla
-//! on -S, and not below pg_stat_statements' ratio in the same run.
+//! Five clusters side by side: vanilla PostgreSQL; a second vanilla cluster, identical to the first
+//! (an A/A check: how far two identical clusters land apart in one run is how fine the other ratios
+//! can be read); pg_stat_statements preloaded; tenant_scale preloaded, every connection attributed
+//! to a company (one of 100 tracked ones, a different one each round); both preloaded. Workloads:
+//! pgbench -S (one indexed SELECT), a small read/write script (UPDATE + SELECT), both with 2 clients,
+//! and -S with 8 clients all on one company (every statement updates the same entry). Targets
+//! (issue 4): tenant_scale >= 0.97x vanilla on -S, and not below pg_stat_statements' ratio in the
+//! same run.
 //!
-//! Each run is a fixed number of transactions per client, and yields two figures: tps, and
-//! transactions per second of server CPU (see `pgbench_cpu`). On a machine other developers are
-//! building on, tps swings by a third from one run to the next; CPU per transaction does not, so it
-//! is the figure the targets are judged on, and both are printed.
+//! Each workload is measured twice:
+//! - interleaved (the figures the targets are judged on): the workload's statements, prepared, over
+//!   connections held open to all five clusters, each client sending its transactions to the five
+//!   in turn (see `Interleaved`); INTERLEAVED_ROUNDS rounds (default 40) of 1,000 transactions per
+//!   client and cluster (250 for the heavier workloads), compared as server CPU per transaction;
+//! - pgbench, for tps: ROUNDS rounds (default 7) of one pgbench run per cluster, a fixed number of
+//!   transactions per client times RUN_SCALE (default 2), each yielding tps and transactions per
+//!   second of server CPU (see `pgbench_cpu`). Runs seconds apart see the machine's load change, so
+//!   these ratios move by 5 % and more from one run to the next.
+//!
+//! The last block times a PL/pgSQL loop of SELECTs by the backend's own clock, every one counted.
 
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use tenant_scale_benches::{BACKEND_CPU_NS, Comparison, compare_with_cpu, machine_header, pgbench_cpu};
+use tenant_scale_benches::{
+    BACKEND_CPU_NS, Comparison, Interleaved, compare_with_cpu, machine_header, pgbench_cpu,
+};
 use tenant_scale_harness::{Cluster, ClusterBuilder, pg_bindir};
 
 const SCALE: u32 = 5;
@@ -33,10 +41,15 @@ const TENANT_SCALE: usize = 3;
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let scale_runs: u32 = args.next().map(|arg| arg.parse()).transpose().context("RUN_SCALE")?.unwrap_or(2);
-    let rounds: usize = args.next().map(|arg| arg.parse()).transpose().context("ROUNDS")?.unwrap_or(15);
+    let rounds: usize = args.next().map(|arg| arg.parse()).transpose().context("ROUNDS")?.unwrap_or(7);
+    let interleaved_rounds: usize =
+        args.next().map(|arg| arg.parse()).transpose().context("INTERLEAVED_ROUNDS")?.unwrap_or(40);
 
     print!("{}", machine_header()?);
-    println!("pgbench scale {SCALE}, {rounds} interleaved rounds, prepared statements, autovacuum off");
+    println!(
+        "pgbench scale {SCALE}, prepared statements, autovacuum off; {interleaved_rounds} interleaved rounds, \
+         then {rounds} rounds of pgbench runs"
+    );
 
     let with_quiet_autovacuum = |builder: ClusterBuilder| builder.setting("autovacuum", "off").start();
     let clusters = [
@@ -65,6 +78,7 @@ fn main() -> Result<()> {
     }
     let tracked = clusters[TENANT_SCALE].psql("SELECT tracked FROM tenant_scale.stats_info()")?;
     println!("companies tracked before measuring: {tracked}");
+    interleaved(&clusters, interleaved_rounds)?;
 
     let select_only =
         "\\set aid random(1, 100000 * 5)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n";
@@ -98,6 +112,57 @@ fn main() -> Result<()> {
     statement_cost(&clusters, rounds * 2)?;
     let calls = clusters[TENANT_SCALE].psql("SELECT sum(calls) FROM tenant_scale.company_stats")?;
     println!("statements counted by tenant_scale in its cluster: {calls}");
+    Ok(())
+}
+
+/// The pgbench workloads' statements over connections held open, the clusters taking turns
+/// transaction by transaction ([`Interleaved`]): the figures the targets are judged on.
+fn interleaved(clusters: &[Cluster; 5], rounds: usize) -> Result<()> {
+    const SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+    const UPDATE: &str = "UPDATE pgbench_accounts SET abalance = abalance + $2 WHERE aid = $1";
+    // Rows spread over the table, different for every client and round (clients updating the same
+    // row would wait on each other).
+    let account = |round: usize, client: usize, i: u32| -> i32 {
+        let spread = round as u64 * 1_000_003 + client as u64 * 250_007 + u64::from(i) * 7_919;
+        (spread % (100_000 * u64::from(SCALE))) as i32 + 1
+    };
+    // (name, statements, clients, transactions per client and cluster in a round, one company per
+    // round or always the same)
+    let workloads: [(&str, &[&str], usize, u32, bool); 3] = [
+        ("select-only (-S), 2 clients, 100 companies, interleaved", &[SELECT], 2, 1_000, true),
+        ("read/write, 2 clients, 100 companies, interleaved", &[UPDATE, SELECT], 2, 250, true),
+        ("select-only (-S), 8 clients, one company, interleaved", &[SELECT], 8, 250, false),
+    ];
+    for (name, statements, clients, transactions, rotate_companies) in workloads {
+        let mut sessions = Interleaved::open(&clusters.each_ref(), clients, statements)?;
+        let mut comparison = Comparison::new(name, &VARIANTS, "per server CPU second");
+        for round in 0..rounds {
+            let company = if rotate_companies { round as u32 % COMPANIES } else { 0 };
+            for variant in TENANT_SCALE..VARIANTS.len() {
+                sessions
+                    .batch_execute(variant, &format!("SET tenant_scale.company = 'company_{company}'"))?;
+            }
+            let ns_per_transaction =
+                sessions.cpu_ns_per_transaction(transactions, |session, client, i| {
+                    let aid = account(round, client, i);
+                    match session.statements.as_slice() {
+                        [select] => session.client.query(select, &[&aid]).map(drop),
+                        [update, select] => {
+                            let delta = (i % 10_001) as i32 - 5_000;
+                            session.client.execute(update, &[&aid, &delta])?;
+                            session.client.query(select, &[&aid]).map(drop)
+                        }
+                        _ => unreachable!("one or two statements per workload"),
+                    }
+                })?;
+            comparison.record_round(&ns_per_transaction.iter().map(|ns| 1e9 / ns).collect::<Vec<_>>());
+        }
+        print!("{}", comparison.report());
+        println!(
+            "{name}: median ratio tenant_scale / pg_stat_statements {:.3}x",
+            comparison.median_ratio_to(TENANT_SCALE, PG_STAT_STATEMENTS)
+        );
+    }
     Ok(())
 }
 
