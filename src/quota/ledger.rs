@@ -228,6 +228,12 @@ impl Ledger {
         }
     }
 
+    /// Whether the kept touches must go at the end of a transaction: made under another
+    /// configuration, or too many of them.
+    fn is_stale(&self) -> bool {
+        self.generation != config::generation() || self.index.len() > MAX_KEPT_TOUCHES
+    }
+
     /// Ends the transaction for every touch in it, keeping the shared ones as idle cache.
     fn finish_transaction(&mut self, committed: bool) {
         // Taken and put back so that the list keeps its allocation from one transaction to the next.
@@ -242,7 +248,7 @@ impl Ledger {
         active.clear();
         self.active = active;
         self.truncations.clear();
-        if self.generation != config::generation() || self.index.len() > MAX_KEPT_TOUCHES {
+        if self.is_stale() {
             *self = Ledger {
                 key: std::mem::take(&mut self.key),
                 generation: config::generation(),
@@ -524,10 +530,7 @@ pub(crate) fn settled_at_commit() -> bool {
     statement::settled_at_commit()
         && LEDGER.with(|ledger| {
             ledger.try_borrow().is_ok_and(|ledger| {
-                ledger.active.is_empty()
-                    && ledger.truncations.is_empty()
-                    && ledger.generation == config::generation()
-                    && ledger.index.len() <= MAX_KEPT_TOUCHES
+                ledger.active.is_empty() && ledger.truncations.is_empty() && !ledger.is_stale()
             })
         })
 }
