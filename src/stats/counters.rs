@@ -4,6 +4,7 @@
 //! that spinlock held, so each must be a few dozen instructions at most: no allocation, no I/O, no
 //! PostgreSQL call. Timestamps are PostgreSQL `TimestampTz` values (microseconds since 2000-01-01).
 //!
+//! Statements arrive in `Batch`es (a backend's calls for one company in one minute, see `Batch`).
 //! Three views of the same calls are kept:
 //! - cumulative totals since `stats_since` (company_stats);
 //! - a ring of per-minute call counts for the last 15 minutes (calls_last_minute, calls_last_15min);
@@ -30,14 +31,18 @@ pub struct MinuteRing {
 }
 
 impl MinuteRing {
-    fn record(&mut self, at: i64) {
-        let minute = minute_of(at);
+    fn add(&mut self, minute: u32, calls: u64) {
         let slot = minute as usize % MINUTE_SLOTS;
-        if self.minute[slot] != minute {
+        // Batches can arrive late, after calls of a later minute were counted: one older than the
+        // minute its slot holds is outside every window, and must not wipe that minute out.
+        if self.minute[slot] > minute {
+            return;
+        }
+        if self.minute[slot] < minute {
             self.minute[slot] = minute;
             self.calls[slot] = 0;
         }
-        self.calls[slot] = self.calls[slot].saturating_add(1);
+        self.calls[slot] = self.calls[slot].saturating_add(u32::try_from(calls).unwrap_or(u32::MAX));
     }
 
     /// Calls in the `minutes` minutes before `now`, as a sliding window: the current minute so far and
@@ -93,6 +98,85 @@ pub struct Counters {
     snapshot: SnapshotBase,
 }
 
+/// Statements one backend completed for one company within one minute, not yet added to the
+/// company's `Counters`. It lives in the backend's own slot of shared memory (`table.rs`), so a
+/// statement writes two cache lines no other backend writes, instead of lines every backend of a
+/// busy company fights over; `Counters::add` takes a whole batch at once.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+pub struct Batch {
+    calls: u64,
+    rows: u64,
+    total_micros: f64,
+    min_micros: f64,
+    max_micros: f64,
+    first_at: i64,
+    last_at: i64,
+    minute: u32,
+    /// Every count of `latency` lies between these buckets, so adding and clearing skip the rest.
+    lowest_bucket: u16,
+    highest_bucket: u16,
+    latency: Histogram,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.calls == 0
+    }
+
+    /// Whether a call at `at` belongs in this batch: it is empty or holds calls of the same minute.
+    #[inline]
+    pub fn accepts(&self, at: i64) -> bool {
+        self.calls == 0 || self.minute == minute_of(at)
+    }
+
+    /// When the batch's first call started.
+    pub fn first_at(&self) -> i64 {
+        self.first_at
+    }
+
+    /// One statement that completed: `micros` as measured (fractional), `rows` processed. The caller
+    /// checked `accepts(at)`.
+    #[inline]
+    pub fn record_call(&mut self, micros: f64, rows: u64, at: i64) {
+        // Rounded half up without f64::round (a libm call); `as` saturates a negative or NaN to 0.
+        let rounded = ((micros + 0.5) as u64).min(histogram::MAX_TRACKED_MICROS);
+        let bucket = self.latency.record(rounded) as u16;
+        if self.calls == 0 {
+            self.minute = minute_of(at);
+            self.first_at = at;
+            self.last_at = at;
+            self.min_micros = micros;
+            self.max_micros = micros;
+            self.lowest_bucket = bucket;
+            self.highest_bucket = bucket;
+        } else {
+            if micros < self.min_micros {
+                self.min_micros = micros;
+            }
+            if micros > self.max_micros {
+                self.max_micros = micros;
+            }
+            self.lowest_bucket = self.lowest_bucket.min(bucket);
+            self.highest_bucket = self.highest_bucket.max(bucket);
+            self.last_at = self.last_at.max(at);
+        }
+        self.calls += 1;
+        self.rows += rows;
+        self.total_micros += micros;
+    }
+
+    /// Empties the batch once it was added, touching only the buckets it used.
+    pub fn clear(&mut self) {
+        self.latency.clear(self.buckets());
+        (self.calls, self.rows, self.total_micros) = (0, 0, 0.0);
+    }
+
+    fn buckets(&self) -> std::ops::RangeInclusive<usize> {
+        usize::from(self.lowest_bucket)..=usize::from(self.highest_bucket)
+    }
+}
+
 /// What company_stats shows of one entry.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Summary {
@@ -132,25 +216,25 @@ impl Counters {
         Counters { first_seen: now, last_seen: now, stats_since: now, usage, ..Counters::default() }
     }
 
-    /// One statement that completed: `micros` as measured (fractional), `rows` processed.
-    #[inline]
-    pub fn record_call(&mut self, micros: f64, rows: u64, at: i64) {
-        // Rounded half up without f64::round (a libm call); `as` saturates a negative or NaN to 0.
-        let rounded = ((micros + 0.5) as u64).min(histogram::MAX_TRACKED_MICROS);
-        if self.calls == 0 || micros < self.min_micros {
-            self.min_micros = micros;
+    /// Adds a batch of completed statements.
+    pub fn add(&mut self, batch: &Batch) {
+        if batch.calls == 0 {
+            return;
         }
-        if self.calls == 0 || micros > self.max_micros {
-            self.max_micros = micros;
+        if self.calls == 0 || batch.min_micros < self.min_micros {
+            self.min_micros = batch.min_micros;
         }
-        self.calls += 1;
-        self.rows += rows;
-        self.total_micros += micros;
-        self.latency.record(rounded);
-        self.snapshot.latency_since.record(rounded);
-        self.recent.record(at);
-        self.usage += 1.0;
-        self.last_seen = self.last_seen.max(at);
+        if self.calls == 0 || batch.max_micros > self.max_micros {
+            self.max_micros = batch.max_micros;
+        }
+        self.calls += batch.calls;
+        self.rows += batch.rows;
+        self.total_micros += batch.total_micros;
+        self.latency.add(&batch.latency, batch.buckets());
+        self.snapshot.latency_since.add(&batch.latency, batch.buckets());
+        self.recent.add(batch.minute, batch.calls);
+        self.usage += batch.calls as f64;
+        self.last_seen = self.last_seen.max(batch.last_at);
     }
 
     pub fn record_errors(&mut self, errors: u64, at: i64) {
@@ -322,11 +406,18 @@ mod tests {
     /// 10:00:00 on some day, in PostgreSQL's epoch: any whole minute would do.
     const T0: i64 = 1_000 * MINUTE;
 
+    /// One statement, added as a batch of its own.
+    fn call(counters: &mut Counters, micros: f64, rows: u64, at: i64) {
+        let mut batch = Batch::default();
+        batch.record_call(micros, rows, at);
+        counters.add(&batch);
+    }
+
     #[test]
     fn calls_rows_time_and_extremes_add_up() {
         let mut counters = Counters::new(T0, INITIAL_USAGE);
-        counters.record_call(1500.0, 3, T0 + 1);
-        counters.record_call(250.0, 0, T0 + 2);
+        call(&mut counters, 1500.0, 3, T0 + 1);
+        call(&mut counters, 250.0, 0, T0 + 2);
         counters.record_errors(2, T0 + 3);
         let summary = counters.summary(T0 + 4);
         assert_eq!((summary.calls, summary.errors, summary.rows), (2, 2, 3));
@@ -340,7 +431,7 @@ mod tests {
     fn percentiles_are_clamped_to_the_measured_extremes() {
         let mut counters = Counters::new(T0, 0.0);
         // 1030.2 µs lands in the bucket [1024, 1088), whose middle (1055.5) was never measured.
-        counters.record_call(1030.2, 0, T0);
+        call(&mut counters, 1030.2, 0, T0);
         let summary = counters.summary(T0);
         assert_eq!(summary.p99_ms, summary.max_ms);
         assert_eq!(summary.p50_ms, summary.max_ms);
@@ -351,7 +442,7 @@ mod tests {
     fn durations_are_rounded_to_the_nearest_microsecond_before_bucketing() {
         let mut counters = Counters::new(T0, 0.0);
         for micros in [2.49, 2.5, 0.2, -0.0, f64::NAN, 1e12] {
-            counters.record_call(micros, 0, T0);
+            call(&mut counters, micros, 0, T0);
         }
         let nonzero = counters.latency.nonzero();
         let top = (histogram::bucket_of(histogram::MAX_TRACKED_MICROS) as u16, 1);
@@ -370,19 +461,19 @@ mod tests {
     fn minute_windows_count_the_current_minute_and_slide_over_older_ones() {
         let mut counters = Counters::new(T0, 0.0);
         for _ in 0..6 {
-            counters.record_call(10.0, 0, T0 - 20 * MINUTE); // outside every window
+            call(&mut counters, 10.0, 0, T0 - 20 * MINUTE); // outside every window
         }
         for _ in 0..10 {
-            counters.record_call(10.0, 0, T0 - 15 * MINUTE + 1); // the minute the 15-minute window starts in
+            call(&mut counters, 10.0, 0, T0 - 15 * MINUTE + 1); // the minute the 15-minute window starts in
         }
         for _ in 0..4 {
-            counters.record_call(10.0, 0, T0 - 3 * MINUTE);
+            call(&mut counters, 10.0, 0, T0 - 3 * MINUTE);
         }
         for _ in 0..60 {
-            counters.record_call(10.0, 0, T0 - MINUTE + 5); // the previous minute
+            call(&mut counters, 10.0, 0, T0 - MINUTE + 5); // the previous minute
         }
         for _ in 0..7 {
-            counters.record_call(10.0, 0, T0 + 1000);
+            call(&mut counters, 10.0, 0, T0 + 1000);
         }
         // A quarter into the current minute: three quarters of the previous minute are in the window.
         let summary = counters.summary(T0 + MINUTE / 4);
@@ -395,14 +486,14 @@ mod tests {
     #[test]
     fn intervals_cover_each_call_once_and_only_after_commit() {
         let mut counters = Counters::new(T0, 0.0);
-        counters.record_call(100.0, 1, T0);
-        counters.record_call(5000.0, 1, T0);
+        call(&mut counters, 100.0, 1, T0);
+        call(&mut counters, 5000.0, 1, T0);
         let first = counters.interval().unwrap();
         assert_eq!((first.calls, first.errors, first.rows), (2, 0, 2));
         assert!((first.p95_ms.unwrap() - 5.0).abs() / 5.0 <= histogram::RELATIVE_ERROR_BOUND);
         // Not committed (the snapshot's transaction rolled back): the same calls are offered again.
         assert_eq!(counters.interval().unwrap(), first);
-        counters.record_call(200.0, 0, T0);
+        call(&mut counters, 200.0, 0, T0);
         counters.commit_interval(&first);
         let second = counters.interval().unwrap();
         assert_eq!((second.calls, second.rows), (1, 0));
@@ -415,10 +506,10 @@ mod tests {
     #[test]
     fn an_interval_read_before_a_reset_is_not_applied_after_it() {
         let mut counters = Counters::new(T0, 0.0);
-        counters.record_call(100.0, 0, T0);
+        call(&mut counters, 100.0, 0, T0);
         let stale = counters.interval().unwrap();
         counters.reset(T0 + 1);
-        counters.record_call(100.0, 0, T0 + 2);
+        call(&mut counters, 100.0, 0, T0 + 2);
         counters.commit_interval(&stale);
         assert_eq!(counters.interval().map(|interval| interval.calls), Some(1));
     }
@@ -426,7 +517,7 @@ mod tests {
     #[test]
     fn reset_keeps_first_and_last_seen_and_restarts_counting() {
         let mut counters = Counters::new(T0, 5.0);
-        counters.record_call(100.0, 4, T0 + 10);
+        call(&mut counters, 100.0, 4, T0 + 10);
         counters.reset(T0 + 20);
         let summary = counters.summary(T0 + 20);
         assert_eq!((summary.calls, summary.rows, summary.p50_ms), (0, 0, None));
@@ -437,7 +528,7 @@ mod tests {
     #[test]
     fn encoding_round_trips_and_rejects_other_lengths() {
         let mut counters = Counters::new(T0, 3.5);
-        counters.record_call(123.4, 7, T0 + MINUTE);
+        call(&mut counters, 123.4, 7, T0 + MINUTE);
         counters.record_errors(2, T0 + MINUTE);
         let mut bytes = Vec::new();
         counters.encode(&mut bytes);
@@ -447,5 +538,55 @@ mod tests {
         assert_eq!(decoded.interval(), counters.interval());
         assert_eq!(decoded.usage, 3.5 + 3.0);
         assert!(Counters::decode(&bytes[1..]).is_none());
+    }
+
+    #[test]
+    fn a_batch_adds_up_as_its_calls_one_by_one() {
+        let durations = [3.0, 1500.0, 250.4, 98_000.0, 7.5, 250.4];
+        let mut one_by_one = Counters::new(T0, 0.0);
+        let mut batched = Counters::new(T0, 0.0);
+        let mut batch = Batch::default();
+        for (i, micros) in durations.into_iter().enumerate() {
+            let at = T0 + 1_000 * i as i64;
+            assert!(batch.accepts(at));
+            call(&mut one_by_one, micros, i as u64, at);
+            batch.record_call(micros, i as u64, at);
+        }
+        batched.add(&batch);
+        assert_eq!(batched.summary(T0 + MINUTE / 2), one_by_one.summary(T0 + MINUTE / 2));
+        assert_eq!(batched.interval(), one_by_one.interval());
+        assert_eq!(batched.latency, one_by_one.latency);
+        assert_eq!(batched.usage, one_by_one.usage);
+    }
+
+    #[test]
+    fn a_batch_takes_only_calls_of_its_minute_and_is_empty_once_cleared() {
+        let mut batch = Batch::default();
+        assert!(batch.is_empty() && batch.accepts(T0 - 5 * MINUTE));
+        batch.record_call(40.0, 1, T0 + 10);
+        batch.record_call(90_000.0, 1, T0 + 20);
+        assert!(batch.accepts(T0 + MINUTE - 1));
+        assert!(!batch.accepts(T0 + MINUTE) && !batch.accepts(T0 - 1));
+        batch.clear();
+        assert!(batch.is_empty() && batch.accepts(T0 + 7 * MINUTE));
+        assert_eq!(batch.latency, Histogram::default());
+        // A cleared batch starts over: its old extremes and minute are forgotten.
+        batch.record_call(5.0, 0, T0 + 2 * MINUTE);
+        let mut counters = Counters::new(T0, 0.0);
+        counters.add(&batch);
+        let summary = counters.summary(T0 + 2 * MINUTE);
+        assert_eq!((summary.calls, summary.max_ms, summary.calls_last_minute), (1, Some(0.005), 1));
+    }
+
+    #[test]
+    fn a_late_batch_counts_in_the_totals_but_never_wipes_a_later_minute() {
+        let mut counters = Counters::new(T0, 0.0);
+        for _ in 0..5 {
+            call(&mut counters, 10.0, 0, T0 + 16 * MINUTE); // same ring slot as T0's minute
+        }
+        call(&mut counters, 10.0, 0, T0); // sixteen minutes late
+        let summary = counters.summary(T0 + 16 * MINUTE);
+        assert_eq!((summary.calls, summary.calls_last_minute, summary.calls_last_15min), (6, 5, 5));
+        assert_eq!(summary.last_seen, T0 + 16 * MINUTE);
     }
 }

@@ -16,6 +16,8 @@
 //! Counts are u32 (the histogram lives in shared memory, one or two per company). When a bucket would
 //! overflow, every bucket is halved: quantiles depend only on proportions, which halving keeps.
 
+use std::ops::RangeInclusive;
+
 /// log2 of the number of linear sub-buckets per power of two.
 const SUB_BUCKET_BITS: u32 = 4;
 const SUB_BUCKETS: usize = 1 << SUB_BUCKET_BITS;
@@ -70,13 +72,35 @@ pub fn representative(index: usize) -> f64 {
 }
 
 impl Histogram {
+    /// Counts one sample; returns the index of its bucket.
     #[inline]
-    pub fn record(&mut self, micros: u64) {
+    pub fn record(&mut self, micros: u64) -> usize {
         let bucket = bucket_of(micros);
         if self.counts[bucket] == u32::MAX {
             self.halve();
         }
         self.counts[bucket] += 1;
+        bucket
+    }
+
+    /// Adds `other`'s counts, all of which lie in `buckets`, halving first if a bucket would overflow.
+    pub fn add(&mut self, other: &Histogram, buckets: RangeInclusive<usize>) {
+        let Some(theirs) = other.counts.get(buckets.clone()) else { return };
+        // `get` checked the range against the same length.
+        let ours = &self.counts[*buckets.start()..];
+        if ours.iter().zip(theirs).any(|(ours, theirs)| ours.checked_add(*theirs).is_none()) {
+            self.halve();
+        }
+        for (ours, theirs) in self.counts[*buckets.start()..].iter_mut().zip(theirs) {
+            *ours = ours.saturating_add(*theirs);
+        }
+    }
+
+    /// Zeroes `buckets`, which hold every count: cheaper than zeroing all of them.
+    pub fn clear(&mut self, buckets: RangeInclusive<usize>) {
+        if let Some(counts) = self.counts.get_mut(buckets) {
+            counts.fill(0);
+        }
     }
 
     fn halve(&mut self) {
@@ -209,7 +233,9 @@ mod tests {
             for size in [1usize, 7, 100, 5_000] {
                 let mut histogram = Histogram::default();
                 let mut values: Vec<u64> = (0..size).map(|_| shape(&mut samples)).collect();
-                values.iter().for_each(|value| histogram.record(*value));
+                for value in &values {
+                    histogram.record(*value);
+                }
                 values.sort_unstable();
                 let fractions = [0.5, 0.95, 0.99, 1.0];
                 for (reported, fraction) in histogram.quantiles(fractions).into_iter().zip(fractions) {
@@ -243,10 +269,28 @@ mod tests {
     #[test]
     fn subtracting_what_was_taken_leaves_only_later_samples() {
         let mut histogram = Histogram::default();
-        [10, 10, 300].iter().for_each(|value| histogram.record(*value));
+        for value in [10, 10, 300] {
+            histogram.record(value);
+        }
         let taken = histogram.nonzero();
         histogram.record(300);
         histogram.subtract(&taken);
         assert_eq!(histogram.nonzero(), vec![(bucket_of(300) as u16, 1)]);
+    }
+
+    #[test]
+    fn adding_sums_the_range_and_halves_rather_than_overflow() {
+        let mut ours = Histogram::default();
+        let mut theirs = Histogram::default();
+        ours.counts[40] = 10;
+        theirs.counts[3] = 4;
+        theirs.counts[5] = 2;
+        ours.add(&theirs, 3..=5);
+        assert_eq!(ours.nonzero(), vec![(3, 4), (5, 2), (40, 10)]);
+        ours.counts[3] = u32::MAX - 1;
+        ours.add(&theirs, 3..=5);
+        assert_eq!(ours.nonzero(), vec![(3, u32::MAX / 2 + 4), (5, 1 + 2), (40, 5)]);
+        ours.clear(0..=BUCKETS - 1);
+        assert_eq!(ours, Histogram::default());
     }
 }

@@ -191,7 +191,7 @@ unsafe fn record_completed(query: *mut pg_sys::QueryDesc, capture: &Capture) {
     // SAFETY: the caller guarantees the query descriptor and its estate are alive.
     let rows = unsafe { (*(*query).estate).es_processed };
     let micros = capture.executing_nanos as f64 / 1_000.0;
-    table::update(&key, capture.started, |counters| counters.record_call(micros, rows, capture.started));
+    table::record_call(&key, micros, rows, capture.started);
 }
 
 #[pg_guard]

@@ -1,39 +1,43 @@
 //! The shared-memory table of per-company figures: one entry per (database, company), at most
 //! `tenant_scale.max_companies` of them, reached through `shmem::Region`.
 //!
+//! A statement is first counted in its backend's own slot (`BackendSlot`, one per possible client
+//! backend): a `Batch` of the calls it completed for one company within one minute. The batch moves
+//! to the company's entry when the backend next counts a call for another company or minute, and
+//! whenever someone reads the table (`flush_all`): a statement touches no lock or cache line that
+//! another backend writes, even when every backend works for the same company, and every read sees
+//! every statement that completed before it.
+//!
 //! Locks, always taken in this order and never the other way round:
 //! - `Shared::lock` (one LWLock) protects the hash table's structure. Finding an entry and updating it
-//!   takes it SHARED; only creating an entry, evicting, resetting and reading the global figures for a
-//!   reset take it EXCLUSIVE. The per-statement path therefore never waits for another statement
-//!   unless it is the first statement of a company.
+//!   takes it SHARED; creating an entry, evicting, resetting, and moving every slot's batch before a
+//!   read take it EXCLUSIVE. Counting a statement in a slot takes it not at all.
+//! - a slot's spinlock protects its batch. Moving a batch to an entry holds the slot's spinlock, then
+//!   the entry's, and empties the slot before letting go of it, so a batch is always in exactly one
+//!   place; nothing ever waits for a slot while holding an entry.
 //! - each entry's spinlock protects its `Counters`; it is held for a few dozen instructions (no
 //!   allocation, no PostgreSQL call, nothing that can raise an error).
-//! - `evicted`, `unattributed_calls` and `stats_reset` are atomics; `median_usage` and `removals` are
-//!   written only under the exclusive lock (`removals` is read under the shared one).
-//! - Each backend remembers the last entry it found (`LAST_FOUND`) and uses it again, without a hash
-//!   search, while the table has had no removal since: entries never move, so only a removal can hand
-//!   an entry's memory to another company.
+//! - `evicted`, `unattributed_calls` and `stats_reset` are atomics; `median_usage` is written only
+//!   under the exclusive lock.
 //!
 //! Capacity policy (as pg_stat_statements): when a new company arrives and the table is full, every
 //! entry's usage score (calls and errors, see `counters.rs`) decays by 1 %, and the 5 % with the lowest
 //! scores are evicted and counted in `evicted`. New entries start at the median score, so a company
 //! seen once is not evicted before long-idle ones. Memory never grows: the table is sized at start.
 //!
-//! Persistence: at a clean shutdown the postmaster writes every entry to `pg_stat/tenant_scale.stat`
-//! (no lock: no other process is left); at start-up the file is read back into the new table and then
-//! removed, so a later crash starts from empty rather than from stale figures.
+//! Persistence: at a clean shutdown the postmaster writes every entry, with the batches backends left
+//! in their slots added, to `pg_stat/tenant_scale.stat` (no lock: no other process is left); at
+//! start-up the file is read back into the new table and then removed, so a later crash starts from
+//! empty rather than from stale figures.
 
 use std::ffi::CStr;
 use std::io::Write;
 use std::mem::size_of;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use std::cell::Cell;
-
 use pgrx::pg_sys;
 
-use super::counters::{Counters, INITIAL_USAGE, Interval, Summary, USAGE_DECAY};
-use crate::backend_local::BackendLocal;
+use super::counters::{Batch, Counters, INITIAL_USAGE, Interval, Summary, USAGE_DECAY};
 use crate::shmem::Region;
 use crate::unguarded::{self, SpinLock};
 
@@ -52,7 +56,7 @@ pub(super) static REGION: Region<Shared> =
 
 /// Who a statement is counted for.
 #[repr(C)]
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) struct CompanyKey {
     database: pg_sys::Oid,
     /// The id's bytes, NUL-padded: the key is hashed and compared as plain bytes.
@@ -91,19 +95,18 @@ struct Entry {
     counters: SpinLock<Counters>,
 }
 
-/// The entry this backend found last: a backend's statements come mostly for one company after
-/// another, and comparing the 68-byte key costs less than hashing it and searching the table again.
-#[derive(Clone, Copy)]
-struct LastFound {
-    key: CompanyKey,
-    hash: u32,
-    entry: *const Entry,
-    /// `Shared::removals` when `entry` was found: while the count is the same, `entry` still holds
-    /// `key` (entries never move, and only a removal frees one for another key).
-    removals: u64,
-}
+/// A backend's calls not yet in the table: at most one batch, for one company. Aligned so that no two
+/// backends' slots share a cache line.
+#[repr(C, align(64))]
+struct BackendSlot(SpinLock<Pending>);
 
-static LAST_FOUND: BackendLocal<Cell<Option<LastFound>>> = BackendLocal::new(Cell::new(None));
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Pending {
+    /// Whose calls `batch` holds; meaningless while it is empty.
+    key: CompanyKey,
+    batch: Batch,
+}
 
 /// The region's root, in shared memory. The pointers are set once by the postmaster and are valid
 /// at the same address in every backend (they inherit the mapping through fork).
@@ -111,12 +114,13 @@ static LAST_FOUND: BackendLocal<Cell<Option<LastFound>>> = BackendLocal::new(Cel
 pub(super) struct Shared {
     lock: *mut pg_sys::LWLock,
     hash: *mut pg_sys::HTAB,
+    /// One per client backend, indexed by its PGPROC number (the first `MaxConnections` PGPROCs are
+    /// the client backends'). Other processes (background workers) update the table directly.
+    slots: *mut BackendSlot,
+    slot_count: usize,
     max_companies: usize,
     bytes: usize,
     evicted: AtomicU64,
-    /// Entries removed from the table since start-up; changed only under the exclusive lock. Not
-    /// `evicted`: a reset zeroes that, so a value a backend remembered could come round again.
-    removals: AtomicU64,
     unattributed_calls: AtomicU64,
     stats_reset: AtomicI64,
     median_usage: AtomicU64,
@@ -139,7 +143,14 @@ pub(super) struct Info {
 fn shared_size() -> usize {
     // SAFETY: hash_estimate_size is pure arithmetic.
     let table = unsafe { pg_sys::hash_estimate_size(max_companies() as _, size_of::<Entry>()) };
-    size_of::<Shared>().next_multiple_of(pg_sys::MAXIMUM_ALIGNOF as usize) + table
+    // ShmemInitStruct aligns every structure to a cache line.
+    let aligned = |bytes: usize| bytes.next_multiple_of(pg_sys::PG_CACHE_LINE_SIZE as usize);
+    aligned(size_of::<Shared>()) + aligned(slot_count() * size_of::<BackendSlot>()) + table
+}
+
+fn slot_count() -> usize {
+    // SAFETY: a postmaster-level setting, read from the configuration before shared memory is sized.
+    usize::try_from(unsafe { pg_sys::MaxConnections }).unwrap_or(0)
 }
 
 fn max_companies() -> usize {
@@ -155,6 +166,22 @@ unsafe fn init_shared(locks: *mut pg_sys::LWLockPadded) -> *mut Shared {
         let mut info: pg_sys::HASHCTL = std::mem::zeroed();
         info.keysize = size_of::<CompanyKey>();
         info.entrysize = size_of::<Entry>();
+        let mut slots_found = false;
+        let slots = pg_sys::ShmemInitStruct(
+            c"tenant_scale stats backend slots".as_ptr(),
+            slot_count() * size_of::<BackendSlot>(),
+            &mut slots_found,
+        )
+        .cast::<BackendSlot>();
+        if !slots_found {
+            let empty = Pending {
+                key: CompanyKey { database: pg_sys::Oid::INVALID, company: [0; COMPANY_ID_MAX_BYTES + 1] },
+                batch: Batch::default(),
+            };
+            for index in 0..slot_count() {
+                slots.add(index).write(BackendSlot(SpinLock::new(empty)));
+            }
+        }
         let max = max_companies() as std::ffi::c_long;
         let hash = pg_sys::ShmemInitHash(
             c"tenant_scale stats by company".as_ptr(),
@@ -167,10 +194,11 @@ unsafe fn init_shared(locks: *mut pg_sys::LWLockPadded) -> *mut Shared {
             shared.write(Shared {
                 lock: &raw mut (*locks).lock,
                 hash,
+                slots,
+                slot_count: slot_count(),
                 max_companies: max_companies(),
                 bytes: shared_size(),
                 evicted: AtomicU64::new(0),
-                removals: AtomicU64::new(0),
                 unattributed_calls: AtomicU64::new(0),
                 stats_reset: AtomicI64::new(pg_sys::GetCurrentTimestamp()),
                 median_usage: AtomicU64::new(INITIAL_USAGE.to_bits()),
@@ -194,29 +222,11 @@ impl Shared {
 
     /// The entry for `key`; the caller holds the lock in either mode.
     fn find(&self, _held: &Locked<'_>, key: &CompanyKey) -> Option<&Entry> {
-        // Stable while the caller holds the lock: removals take it exclusively.
-        let removals = self.removals.load(Ordering::Relaxed);
-        let last = LAST_FOUND.with(Cell::get).filter(|last| last.key == *key);
-        if let Some(last) = last
-            && last.removals == removals
-        {
-            // SAFETY: the entry was found for this key and nothing was removed from the table since, so
-            // it still holds the key; it lives until removed under the exclusive lock, which cannot
-            // happen while the caller holds the lock.
-            return unsafe { last.entry.as_ref() };
-        }
-        let hash = match last {
-            Some(last) => last.hash,
-            // SAFETY: only computes the table's hash function (the same in every backend) over the key.
-            None => unsafe { pg_sys::get_hash_value(self.hash, std::ptr::from_ref(key).cast()) },
-        };
-        // SAFETY: a FIND never modifies the table; see above for the entry's lifetime.
-        let entry = unsafe { unguarded::hash_find(self.hash, key, hash).cast::<Entry>() };
-        if !entry.is_null() {
-            LAST_FOUND.with(|cell| cell.set(Some(LastFound { key: *key, hash, entry, removals })));
-        }
-        // SAFETY: as above.
-        unsafe { entry.as_ref() }
+        // SAFETY: only computes the table's hash function (the same in every backend) over the key.
+        let hash = unsafe { pg_sys::get_hash_value(self.hash, std::ptr::from_ref(key).cast()) };
+        // SAFETY: a FIND never modifies the table; the entry lives until removed under the exclusive
+        // lock, which cannot happen while the caller holds the lock.
+        unsafe { unguarded::hash_find(self.hash, key, hash).cast::<Entry>().as_ref() }
     }
 
     /// Every entry; the caller holds the lock in either mode.
@@ -278,7 +288,6 @@ impl Shared {
         if let Some((median, _)) = scored.get(victims + (scored.len() - victims) / 2) {
             self.median_usage.store(median.to_bits(), Ordering::Relaxed);
         }
-        self.removals.fetch_add(victims as u64, Ordering::Relaxed);
         for (_, entry) in &scored[..victims] {
             // SAFETY: exclusive lock held; the entry's memory returns to the table's free list, and
             // no reference to it survives this loop.
@@ -293,6 +302,59 @@ impl Shared {
         }
         self.evicted.fetch_add(victims as u64, Ordering::Relaxed);
     }
+
+    /// This backend's slot, if it is a client backend.
+    fn own_slot(&self) -> Option<&BackendSlot> {
+        // SAFETY: MyProc is this process's PGPROC (null before it has one); its number never changes.
+        #[cfg(not(any(feature = "pg17", feature = "pg18")))]
+        let number = unsafe { pg_sys::MyProc.as_ref()?.pgprocno };
+        // SAFETY: as above.
+        #[cfg(any(feature = "pg17", feature = "pg18"))]
+        let number = unsafe { pg_sys::MyProcNumber };
+        self.slots().get(usize::try_from(number).ok()?)
+    }
+
+    fn slots(&self) -> &[BackendSlot] {
+        // SAFETY: `slot_count` slots were initialised by the postmaster and live as long as the server.
+        unsafe { std::slice::from_raw_parts(self.slots, self.slot_count) }
+    }
+
+    /// The entry for `key`, created if it is missing. Exclusive lock held.
+    fn find_or_create(&self, held: &Locked<'_>, key: &CompanyKey, now: i64) -> Option<&Entry> {
+        match self.find(held, key) {
+            Some(entry) => Some(entry),
+            None => self.create(held, key, now),
+        }
+    }
+
+    /// Moves `slot`'s batch, if it holds one for `key`, to `entry` (or drops it when no entry could
+    /// be made: shared memory ran out). The caller holds the lock in either mode.
+    fn move_batch(&self, _held: &Locked<'_>, slot: &BackendSlot, key: &CompanyKey, entry: Option<&Entry>) {
+        let mut pending = slot.0.lock();
+        if pending.batch.is_empty() || pending.key != *key {
+            return;
+        }
+        if let Some(entry) = entry {
+            entry.counters.lock().add(&pending.batch);
+        }
+        pending.batch.clear();
+    }
+
+    /// Moves every slot's batch to the table, so that what is read next includes every statement
+    /// that completed before. Exclusive lock held (an entry may have to be created).
+    fn flush_all(&self, held: &Locked<'_>) {
+        for slot in self.slots() {
+            let (key, first_at) = {
+                let pending = slot.0.lock();
+                if pending.batch.is_empty() {
+                    continue;
+                }
+                (pending.key, pending.batch.first_at())
+            };
+            let entry = self.find_or_create(held, &key, first_at);
+            self.move_batch(held, slot, &key, entry);
+        }
+    }
 }
 
 impl Drop for Locked<'_> {
@@ -302,25 +364,54 @@ impl Drop for Locked<'_> {
     }
 }
 
+/// Applies `update` to the entry of `key`, created if needed (`None` when shared memory is
+/// exhausted), with the lock held in either mode.
+fn with_entry(shared: &Shared, key: &CompanyKey, now: i64, update: impl FnOnce(&Locked<'_>, Option<&Entry>)) {
+    {
+        let held = shared.lock(pg_sys::LWLockMode::LW_SHARED);
+        if let Some(entry) = shared.find(&held, key) {
+            return update(&held, Some(entry));
+        }
+    }
+    let held = shared.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+    let entry = shared.find_or_create(&held, key, now);
+    update(&held, entry);
+}
+
 /// Applies `update` to the counters of `key`, creating the entry if needed. Does nothing when the
 /// library was not preloaded, or when shared memory is exhausted.
 pub(super) fn update(key: &CompanyKey, now: i64, update: impl FnOnce(&mut Counters)) {
     let Some(shared) = REGION.try_get() else { return };
-    {
-        let held = shared.lock(pg_sys::LWLockMode::LW_SHARED);
-        if let Some(entry) = shared.find(&held, key) {
+    with_entry(shared, key, now, |_, entry| {
+        if let Some(entry) = entry {
             update(&mut entry.counters.lock());
-            return;
         }
-    }
-    let held = shared.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
-    let entry = match shared.find(&held, key) {
-        Some(entry) => Some(entry),
-        None => shared.create(&held, key, now),
+    });
+}
+
+/// Counts a completed statement for `key`: `micros` of execution, `rows` processed, started `at`.
+/// Does nothing when the library was not preloaded.
+pub(super) fn record_call(key: &CompanyKey, micros: f64, rows: u64, at: i64) {
+    let Some(shared) = REGION.try_get() else { return };
+    let Some(slot) = shared.own_slot() else {
+        let mut batch = Batch::default();
+        batch.record_call(micros, rows, at);
+        return update(key, at, |counters| counters.add(&batch));
     };
-    if let Some(entry) = entry {
-        update(&mut entry.counters.lock());
+    let mut pending = slot.0.lock();
+    if !pending.batch.is_empty() && (pending.key != *key || !pending.batch.accepts(at)) {
+        let (previous, first_at) = (pending.key, pending.batch.first_at());
+        drop(pending);
+        with_entry(shared, &previous, first_at, |held, entry| {
+            shared.move_batch(held, slot, &previous, entry)
+        });
+        // Only this backend fills its slot, so it is empty now.
+        pending = slot.0.lock();
     }
+    if pending.batch.is_empty() {
+        pending.key = *key;
+    }
+    pending.batch.record_call(micros, rows, at);
 }
 
 pub(super) fn count_unattributed_call() {
@@ -332,6 +423,7 @@ pub(super) fn count_unattributed_call() {
 /// Every company's summary at `now`.
 pub(super) fn summaries(now: i64) -> Vec<(CompanyKey, Summary)> {
     let shared = REGION.get(FEATURE);
+    shared.flush_all(&shared.lock(pg_sys::LWLockMode::LW_EXCLUSIVE));
     let copies: Vec<(CompanyKey, Box<Counters>)> = {
         let held = shared.lock(pg_sys::LWLockMode::LW_SHARED);
         shared.entries(&held).into_iter().map(|entry| (entry.key, Box::new(*entry.counters.lock()))).collect()
@@ -342,7 +434,9 @@ pub(super) fn summaries(now: i64) -> Vec<(CompanyKey, Summary)> {
 pub(super) fn info() -> Info {
     let shared = REGION.get(FEATURE);
     let tracked = {
-        let _held = shared.lock(pg_sys::LWLockMode::LW_SHARED);
+        let held = shared.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+        // Companies whose calls are still in a backend's slot are tracked too.
+        shared.flush_all(&held);
         // SAFETY: reading the entry count under the lock.
         unsafe { pg_sys::hash_get_num_entries(shared.hash) as usize }
     };
@@ -361,6 +455,8 @@ pub(super) fn info() -> Info {
 pub(super) fn reset(company: Option<&[u8]>, now: i64) -> u64 {
     let shared = REGION.get(FEATURE);
     let held = shared.lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
+    // What completed before the reset is zeroed with the rest.
+    shared.flush_all(&held);
     let mut reset = 0;
     for entry in shared.entries(&held) {
         if company.is_none_or(|company| entry.key.company_bytes() == company) {
@@ -379,6 +475,7 @@ pub(super) fn reset(company: Option<&[u8]>, now: i64) -> u64 {
 /// Activity since the last committed snapshot, for every company that had some.
 pub(super) fn intervals() -> Vec<(CompanyKey, Interval)> {
     let shared = REGION.get(FEATURE);
+    shared.flush_all(&shared.lock(pg_sys::LWLockMode::LW_EXCLUSIVE));
     let held = shared.lock(pg_sys::LWLockMode::LW_SHARED);
     shared
         .entries(&held)
@@ -419,6 +516,7 @@ fn save_file(shared: &'static Shared) {
         }
         entries
     };
+    let entries = with_batches_left_in_slots(shared, entries);
     let mut bytes = Vec::with_capacity(HEADER_LEN + entries.len() * RECORD_LEN);
     for value in [FILE_MAGIC, FILE_VERSION, RECORD_LEN as u32, entries.len() as u32] {
         bytes.extend_from_slice(&value.to_le_bytes());
@@ -444,6 +542,28 @@ fn save_file(shared: &'static Shared) {
             log_file_problem(&format!("could not write {STATS_FILE}: {error}"));
         }
     }
+}
+
+/// `entries` with the batches the backends left in their slots added (creating entries as needed:
+/// `load_file` keeps `max_companies` of them). No lock: nobody else is left.
+fn with_batches_left_in_slots(
+    shared: &Shared,
+    mut entries: Vec<(CompanyKey, Counters)>,
+) -> Vec<(CompanyKey, Counters)> {
+    let mut positions: std::collections::HashMap<CompanyKey, usize> =
+        entries.iter().enumerate().map(|(position, (key, _))| (*key, position)).collect();
+    for slot in shared.slots() {
+        let pending = *slot.0.lock();
+        if pending.batch.is_empty() {
+            continue;
+        }
+        let position = *positions.entry(pending.key).or_insert_with(|| {
+            entries.push((pending.key, Counters::new(pending.batch.first_at(), INITIAL_USAGE)));
+            entries.len() - 1
+        });
+        entries[position].1.add(&pending.batch);
+    }
+    entries
 }
 
 /// Reads the file `save_file` wrote into the freshly created table, then removes it.

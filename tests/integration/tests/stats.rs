@@ -194,13 +194,15 @@ fn twenty_thousand_companies_with_room_for_a_thousand_evict_without_growing() {
 
 #[test]
 fn a_company_evicted_by_another_backend_is_counted_again_from_scratch() {
-    // A backend remembers where its company's entry is. Once another backend's arrivals evicted it,
-    // that memory may hold another company: the next statement must create a new entry, not add to it.
+    // Once another backend's arrivals evicted a company's entry, its memory may hold another company:
+    // the company's next calls, moved there by its own backend as it turns to another company, must
+    // go to a new entry, not add to that one.
     let cluster = Cluster::builder().setting("tenant_scale.max_companies", 100).start().unwrap();
     let mut steady = cluster.connect().unwrap();
-    steady.batch_execute("SET tenant_scale.company = 'steady'").unwrap();
+    let steady_then_elsewhere =
+        "SET tenant_scale.company = 'steady'; SELECT 1; SET tenant_scale.company = 'elsewhere'; SELECT 1;";
     for _ in 0..3 {
-        steady.query("SELECT 1", &[]).unwrap();
+        steady.batch_execute(steady_then_elsewhere).unwrap();
     }
     let mut admin = cluster.connect().unwrap();
     assert_eq!(counts(&mut admin, "steady").0, 3);
@@ -218,13 +220,60 @@ fn a_company_evicted_by_another_backend_is_counted_again_from_scratch() {
     };
     assert!(!tracked(&mut admin, "steady"), "2,000 arrivals with room for 100 evict an idle company");
 
-    steady.query("SELECT 1", &[]).unwrap();
+    steady.batch_execute(steady_then_elsewhere).unwrap();
     assert_eq!(counts(&mut admin, "steady").0, 1, "counted from scratch in a new entry");
     let most_calls_of_another: i64 = admin
-        .query_one("SELECT max(calls) FROM tenant_scale.company_stats WHERE company_id <> 'steady'", &[])
+        .query_one(
+            "SELECT max(calls) FROM tenant_scale.company_stats \
+             WHERE company_id NOT IN ('steady', 'elsewhere')",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(most_calls_of_another, 1, "every flood company ran one statement, and nobody else's");
+}
+
+#[test]
+fn calls_an_idle_backend_still_holds_are_read_reset_snapshotted_and_saved() {
+    // Each backend keeps its latest calls in its own slot until it turns to another company or
+    // minute; every reader must see them, a reset must zero them, and a clean shutdown must keep them.
+    let mut cluster = Cluster::builder().start().unwrap();
+    let mut workers: Vec<Client> = (0..4).map(|_| cluster.connect().unwrap()).collect();
+    std::thread::scope(|scope| {
+        for worker in &mut workers {
+            scope.spawn(|| {
+                worker.batch_execute("SET tenant_scale.company = 'busy'").unwrap();
+                for _ in 0..100 {
+                    worker.query("SELECT 1", &[]).unwrap();
+                }
+            });
+        }
+    });
+    let mut admin = cluster.connect().unwrap();
+    assert_eq!(counts(&mut admin, "busy"), (400, 0, 400), "every backend's calls, while they sit idle");
+    let tracked: i64 = admin.query_one("SELECT tracked FROM tenant_scale.stats_info()", &[]).unwrap().get(0);
+    assert_eq!(tracked, 1);
+
+    workers[0].query("SELECT 1", &[]).unwrap();
+    let snapshot: i64 = admin
+        .query_one("SELECT calls FROM tenant_scale.snapshot_stats() WHERE company_id = 'busy'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(snapshot, 401, "the snapshot covers calls still held by a backend");
+
+    workers[1].query("SELECT 1", &[]).unwrap();
+    admin.execute("SELECT tenant_scale.stats_reset('busy')", &[]).unwrap();
+    workers[2].query("SELECT 1", &[]).unwrap();
+    assert_eq!(counts(&mut admin, "busy").0, 1, "a reset zeroes calls a backend still held");
+
+    for worker in &mut workers {
+        worker.query("SELECT 1", &[]).unwrap();
+    }
+    drop(admin);
+    cluster.restart(StopMode::Fast).unwrap();
+    let calls =
+        cluster.psql("SELECT calls FROM tenant_scale.company_stats WHERE company_id = 'busy'").unwrap();
+    assert_eq!(calls, "5", "a clean shutdown saves the calls backends still held");
 }
 
 #[test]
