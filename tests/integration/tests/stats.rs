@@ -344,6 +344,30 @@ fn snapshot_worker_writes_history_on_its_interval_and_survives_sighup() {
 }
 
 #[test]
+fn statements_of_a_background_worker_are_counted_though_it_has_no_slot() {
+    // Only client backends count in a slot of their own; a background worker updates the table
+    // directly. The snapshot worker's own statements are attributed here by the configuration file.
+    let cluster = Cluster::builder()
+        .setting("tenant_scale.snapshot_interval", "1s")
+        .setting("tenant_scale.company", "configured")
+        .start()
+        .unwrap();
+    let calls = || -> i64 {
+        cluster
+            .psql(
+                "SET tenant_scale.company = ''; \
+                 SELECT coalesce(sum(calls), 0) FROM tenant_scale.company_stats WHERE company_id = 'configured'",
+            )
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = calls();
+    // Each snapshot runs two statements: whether the extension exists, and snapshot_stats().
+    wait_for("two snapshots counted", Duration::from_secs(15), || calls() >= before + 4);
+}
+
+#[test]
 fn without_preload_stats_raise_55000_with_a_hint_and_nothing_else_breaks() {
     let cluster = Cluster::builder().without_preload().start().unwrap();
     let mut app = cluster.connect().unwrap();
