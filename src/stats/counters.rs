@@ -1,8 +1,9 @@
 //! One company's figures and the arithmetic on them (pure Rust, no PostgreSQL calls).
 //!
-//! A `Counters` lives in shared memory inside a spinlock (see `table.rs`); every method here runs with
-//! that spinlock held, so each must be a few dozen instructions at most: no allocation, no I/O, no
-//! PostgreSQL call. Timestamps are PostgreSQL `TimestampTz` values (microseconds since 2000-01-01).
+//! A `Counters`, and a `Batch`, live in shared memory inside a spinlock (see `table.rs`). What runs
+//! with that spinlock held (recording a call, adding a batch, resetting) must stay short: no
+//! allocation, no I/O, no PostgreSQL call, and adding a batch walks only the histogram buckets the
+//! batch used. Timestamps are PostgreSQL `TimestampTz` values (microseconds since 2000-01-01).
 //!
 //! Statements arrive in `Batch`es (a backend's calls for one company in one minute, see `Batch`).
 //! Three views of the same calls are kept:
