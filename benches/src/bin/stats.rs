@@ -21,6 +21,11 @@
 //!   these ratios move by 5 % and more from one run to the next.
 //!
 //! The last block times a PL/pgSQL loop of SELECTs by the backend's own clock, every one counted.
+//!
+//! With `BASELINE_LIBRARY=/path/to/tenant_scale.so` (another build of the library, made with
+//! `cargo pgrx package` in a checkout of an earlier commit, readable by the `postgres` user), the
+//! fifth cluster preloads that build instead of both extensions, and each interleaved workload also
+//! prints tenant_scale's ratio to it: a change measured against the code before it in one run.
 
 use std::process::Command;
 
@@ -32,11 +37,10 @@ use tenant_scale_harness::{Cluster, ClusterBuilder, pg_bindir};
 
 const SCALE: u32 = 5;
 const COMPANIES: u32 = 100;
-const VARIANTS: [&str; 5] =
-    ["vanilla", "vanilla, second cluster", "pg_stat_statements", "tenant_scale", "both"];
 const PG_STAT_STATEMENTS: usize = 2;
 /// The first variant whose connections are attributed to a company; every later one is too.
 const TENANT_SCALE: usize = 3;
+const BOTH_OR_BASELINE: usize = 4;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -45,7 +49,14 @@ fn main() -> Result<()> {
     let interleaved_rounds: usize =
         args.next().map(|arg| arg.parse()).transpose().context("INTERLEAVED_ROUNDS")?.unwrap_or(40);
 
+    let baseline = std::env::var("BASELINE_LIBRARY").ok();
+    let fifth = if baseline.is_some() { "tenant_scale, baseline build" } else { "both" };
+    let variants = ["vanilla", "vanilla, second cluster", "pg_stat_statements", "tenant_scale", fifth];
+
     print!("{}", machine_header()?);
+    if let Some(library) = &baseline {
+        println!("baseline build: {library}");
+    }
     println!(
         "pgbench scale {SCALE}, prepared statements, autovacuum off; {interleaved_rounds} interleaved rounds, \
          then {rounds} rounds of pgbench runs"
@@ -62,9 +73,13 @@ fn main() -> Result<()> {
                 .setting("shared_preload_libraries", "pg_stat_statements"),
         )?,
         with_quiet_autovacuum(Cluster::builder())?,
-        with_quiet_autovacuum(
-            Cluster::builder().setting("shared_preload_libraries", "pg_stat_statements,tenant_scale"),
-        )?,
+        with_quiet_autovacuum(match &baseline {
+            // Without the extension's SQL objects: nothing then loads the library under test there.
+            Some(library) => {
+                Cluster::builder().without_extension().setting("shared_preload_libraries", library)
+            }
+            None => Cluster::builder().setting("shared_preload_libraries", "pg_stat_statements,tenant_scale"),
+        })?,
     ];
     for cluster in &clusters {
         init_pgbench(cluster)?;
@@ -78,7 +93,7 @@ fn main() -> Result<()> {
     }
     let tracked = clusters[TENANT_SCALE].psql("SELECT tracked FROM tenant_scale.stats_info()")?;
     println!("companies tracked before measuring: {tracked}");
-    interleaved(&clusters, interleaved_rounds)?;
+    interleaved(&clusters, &variants, baseline.is_some(), interleaved_rounds)?;
 
     let select_only =
         "\\set aid random(1, 100000 * 5)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n";
@@ -93,8 +108,8 @@ fn main() -> Result<()> {
     ];
     for (name, script, clients, transactions, rotate_companies) in workloads {
         let mut measured = 0;
-        let comparisons = compare_with_cpu(name, &VARIANTS, "tps", rounds, |variant| {
-            let round = measured / VARIANTS.len();
+        let comparisons = compare_with_cpu(name, &variants, "tps", rounds, |variant| {
+            let round = measured / variants.len();
             measured += 1;
             if variant >= TENANT_SCALE {
                 let company = if rotate_companies { round as u32 % COMPANIES } else { 0 };
@@ -117,7 +132,13 @@ fn main() -> Result<()> {
 
 /// The pgbench workloads' statements over connections held open, the clusters taking turns
 /// transaction by transaction ([`Interleaved`]): the figures the targets are judged on.
-fn interleaved(clusters: &[Cluster; 5], rounds: usize) -> Result<()> {
+/// With `against_baseline`, the fifth cluster runs a baseline build of tenant_scale.
+fn interleaved(
+    clusters: &[Cluster; 5],
+    variants: &[&str; 5],
+    against_baseline: bool,
+    rounds: usize,
+) -> Result<()> {
     const SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
     const UPDATE: &str = "UPDATE pgbench_accounts SET abalance = abalance + $2 WHERE aid = $1";
     // Rows spread over the table, different for every client and round (clients updating the same
@@ -135,10 +156,10 @@ fn interleaved(clusters: &[Cluster; 5], rounds: usize) -> Result<()> {
     ];
     for (name, statements, clients, transactions, rotate_companies) in workloads {
         let mut sessions = Interleaved::open(&clusters.each_ref(), clients, statements)?;
-        let mut comparison = Comparison::new(name, &VARIANTS, "per server CPU second");
+        let mut comparison = Comparison::new(name, variants, "per server CPU second");
         for round in 0..rounds {
             let company = if rotate_companies { round as u32 % COMPANIES } else { 0 };
-            for variant in TENANT_SCALE..VARIANTS.len() {
+            for variant in TENANT_SCALE..variants.len() {
                 sessions
                     .batch_execute(variant, &format!("SET tenant_scale.company = 'company_{company}'"))?;
             }
@@ -162,6 +183,13 @@ fn interleaved(clusters: &[Cluster; 5], rounds: usize) -> Result<()> {
             "{name}: median ratio tenant_scale / pg_stat_statements {:.3}x",
             comparison.median_ratio_to(TENANT_SCALE, PG_STAT_STATEMENTS)
         );
+        if against_baseline {
+            println!(
+                "{name}: median ratio tenant_scale / {} {:.3}x",
+                variants[BOTH_OR_BASELINE],
+                comparison.median_ratio_to(TENANT_SCALE, BOTH_OR_BASELINE)
+            );
+        }
     }
     Ok(())
 }
