@@ -101,8 +101,8 @@ pub struct Counters {
 
 /// Statements one backend completed for one company within one minute, not yet added to the
 /// company's `Counters`. It lives in the backend's own slot of shared memory (`table.rs`), so a
-/// statement writes two cache lines no other backend writes, instead of lines every backend of a
-/// busy company fights over; `Counters::add` takes a whole batch at once.
+/// statement writes only cache lines no other backend writes, instead of lines every backend of a
+/// busy company shares; `Counters::add` takes a whole batch at once.
 #[derive(Clone, Copy, Default)]
 #[repr(C)]
 pub struct Batch {
