@@ -344,6 +344,48 @@ fn snapshot_worker_writes_history_on_its_interval_and_survives_sighup() {
 }
 
 #[test]
+fn calls_moved_between_slots_and_entries_under_concurrent_reads_are_never_lost_or_counted_twice() {
+    // Four backends turn from company to company (each turn moves their batch to an entry) while a
+    // reader moves every batch again and again: the total it reads never goes down, and ends exact.
+    let cluster = Cluster::builder().start().unwrap();
+    let mut workers: Vec<Client> = (0..4).map(|_| cluster.connect().unwrap()).collect();
+    let mut reader = cluster.connect().unwrap();
+    let total_calls = |reader: &mut Client| -> i64 {
+        reader
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM tenant_scale.company_stats \
+                 WHERE company_id LIKE 'turn-%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let finished = std::sync::atomic::AtomicUsize::new(0);
+    let readings = std::thread::scope(|scope| {
+        for (worker_index, worker) in workers.iter_mut().enumerate() {
+            let finished = &finished;
+            scope.spawn(move || {
+                for statement in 0..200 {
+                    let company = (worker_index + statement) % 5;
+                    worker
+                        .batch_execute(&format!("SET tenant_scale.company = 'turn-{company}'; SELECT 1"))
+                        .unwrap();
+                }
+                worker.batch_execute("RESET tenant_scale.company").unwrap();
+                finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        let mut readings = Vec::new();
+        while finished.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+            readings.push(total_calls(&mut reader));
+        }
+        readings
+    });
+    assert!(readings.windows(2).all(|pair| pair[0] <= pair[1]), "the total went down: {readings:?}");
+    assert_eq!(total_calls(&mut reader), 800, "every call counted once ({} readings)", readings.len());
+}
+
+#[test]
 fn statements_of_a_background_worker_are_counted_though_it_has_no_slot() {
     // Only client backends count in a slot of their own; a background worker updates the table
     // directly. The snapshot worker's own statements are attributed here by the configuration file.
