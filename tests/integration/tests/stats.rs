@@ -376,7 +376,9 @@ fn calls_moved_between_slots_and_entries_under_concurrent_reads_are_never_lost_o
             });
         }
         let mut readings = Vec::new();
-        while finished.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+        // Bounded: a worker that panics never finishes (the scope then reports its panic).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while finished.load(std::sync::atomic::Ordering::SeqCst) < 4 && Instant::now() < deadline {
             readings.push(total_calls(&mut reader));
         }
         readings
