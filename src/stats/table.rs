@@ -64,6 +64,10 @@ pub(crate) struct CompanyKey {
 }
 
 impl CompanyKey {
+    /// No company: what a slot that never held a batch names, and a record's key before it is read.
+    const UNSET: CompanyKey =
+        CompanyKey { database: pg_sys::Oid::INVALID, company: [0; COMPANY_ID_MAX_BYTES + 1] };
+
     /// `None` for an empty id (unattributed) or one longer than `COMPANY_ID_MAX_BYTES`.
     pub(super) fn new(database: pg_sys::Oid, company: &[u8]) -> Option<Self> {
         if company.is_empty() || company.len() > COMPANY_ID_MAX_BYTES {
@@ -174,10 +178,7 @@ unsafe fn init_shared(locks: *mut pg_sys::LWLockPadded) -> *mut Shared {
         )
         .cast::<BackendSlot>();
         if !slots_found {
-            let empty = Pending {
-                key: CompanyKey { database: pg_sys::Oid::INVALID, company: [0; COMPANY_ID_MAX_BYTES + 1] },
-                batch: Batch::default(),
-            };
+            let empty = Pending { key: CompanyKey::UNSET, batch: Batch::default() };
             for index in 0..slot_count() {
                 slots.add(index).write(BackendSlot(SpinLock::new(empty)));
             }
@@ -590,7 +591,7 @@ unsafe fn load_file(shared: &Shared) {
     let mut loaded = 0;
     for record in bytes[HEADER_LEN..].chunks_exact(RECORD_LEN) {
         let (key_bytes, counter_bytes) = record.split_at(4 + COMPANY_ID_MAX_BYTES + 1);
-        let mut key = CompanyKey { database: pg_sys::Oid::INVALID, company: [0; COMPANY_ID_MAX_BYTES + 1] };
+        let mut key = CompanyKey::UNSET;
         key.database = pg_sys::Oid::from(u32::from_le_bytes(key_bytes[..4].try_into().unwrap_or_default()));
         key.company.copy_from_slice(&key_bytes[4..]);
         let Some(counters) = Counters::decode(counter_bytes) else { continue };
