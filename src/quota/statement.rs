@@ -103,22 +103,41 @@ pub(super) fn reset() {
 
 /// No upsert has notes: what `reset` would leave. Never panics.
 pub(super) fn settled_at_commit() -> bool {
+    no_upsert_running()
+}
+
+/// Whether no upsert is running, which is the case for nearly every statement: the executor hooks
+/// check this inline and call out only otherwise, so that the map's code stays out of the
+/// instruction cache of ordinary statements (benches/instructions counts the misses).
+#[inline(always)]
+fn no_upsert_running() -> bool {
     UPSERTS.with(|upserts| upserts.try_borrow().is_ok_and(|upserts| upserts.is_empty()))
 }
 
 /// The notes of `query` if it is a running upsert, which it no longer is.
+#[cold]
+#[inline(never)]
 fn forget_upsert(query: *mut pg_sys::QueryDesc) -> Option<UpsertNotes> {
-    with_upserts(|upserts| if upserts.is_empty() { None } else { upserts.remove(&(query as usize)) })
+    with_upserts(|upserts| upserts.remove(&(query as usize)))
 }
 
 /// Whether a plan inserts with ON CONFLICT anywhere (top level or in a writable CTE).
+#[inline(always)]
 unsafe fn has_on_conflict(statement: *mut pg_sys::PlannedStmt) -> bool {
     // SAFETY: the caller passes the planned statement of a started query.
     unsafe {
+        ((*statement).commandType == pg_sys::CmdType::CMD_INSERT || (*statement).hasModifyingCTE)
+            && plan_has_on_conflict(statement)
+    }
+}
+
+/// `has_on_conflict` for a statement that inserts, or may in a writable CTE: the plan is walked out
+/// of line.
+#[inline(never)]
+unsafe fn plan_has_on_conflict(statement: *mut pg_sys::PlannedStmt) -> bool {
+    // SAFETY: the caller passes the planned statement of a started query.
+    unsafe {
         let statement = &*statement;
-        if statement.commandType != pg_sys::CmdType::CMD_INSERT && !statement.hasModifyingCTE {
-            return false;
-        }
         let is_upsert = |plan: *mut pg_sys::Plan| {
             !plan.is_null()
                 && (*plan).type_ == pg_sys::NodeTag::T_ModifyTable
@@ -134,15 +153,22 @@ unsafe fn has_on_conflict(statement: *mut pg_sys::PlannedStmt) -> bool {
 ///
 /// # Safety
 /// `query` has been started (it has its planned statement).
+#[inline(always)]
 pub(crate) unsafe fn statement_started(query: *mut pg_sys::QueryDesc) {
     // SAFETY: per the caller's contract.
     let upsert = unsafe { has_on_conflict((*query).plannedstmt) };
+    // Most statements are no upsert and none is running: nothing to forget or note.
+    if upsert || !no_upsert_running() {
+        upsert_started(query, upsert);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn upsert_started(query: *mut pg_sys::QueryDesc, upsert: bool) {
     with_upserts(|upserts| {
-        // Most statements are no upsert and none is running: nothing to forget or note.
         // A QueryDesc address can be reused by a later query: whatever was noted under it is stale.
-        if !upserts.is_empty() {
-            upserts.remove(&(query as usize));
-        }
+        upserts.remove(&(query as usize));
         if upsert {
             upserts.insert(query as usize, FxHashMap::default());
         }
@@ -153,7 +179,11 @@ pub(crate) unsafe fn statement_started(query: *mut pg_sys::QueryDesc) {
 ///
 /// # Safety
 /// `query` is between ExecutorStart and ExecutorEnd.
+#[inline(always)]
 pub(crate) unsafe fn statement_finished(query: *mut pg_sys::QueryDesc) {
+    if no_upsert_running() {
+        return;
+    }
     let noted = forget_upsert(query);
     if let Some(entries) = noted.filter(|entries| !entries.is_empty()) {
         // SAFETY: the estate of a query between ExecutorStart and ExecutorEnd is valid.
@@ -163,6 +193,9 @@ pub(crate) unsafe fn statement_finished(query: *mut pg_sys::QueryDesc) {
 }
 
 /// ExecutorEnd: an upsert that did not finish (an error, a cursor closed early) leaves nothing.
+#[inline(always)]
 pub(crate) fn statement_ending(query: *mut pg_sys::QueryDesc) {
-    forget_upsert(query);
+    if !no_upsert_running() {
+        forget_upsert(query);
+    }
 }
