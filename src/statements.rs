@@ -5,7 +5,7 @@
 //! settled once it has run, quota/statement.rs); statistics need each statement's start and end, how
 //! deeply it is nested and how long its runs take (stats/hooks.rs); both settle their state when
 //! (sub)transactions end. One set of hooks and callbacks serves both, so a statement or transaction
-//! event crosses into Rust once, not once per module (each crossing is a pgrx guard).
+//! event crosses into Rust once, not once per module (each crossing enters a guard).
 //!
 //! Invariants:
 //! - ExecutorRun and ExecutorFinish push their query (BEFORE triggers fire in one or the other) and
@@ -99,16 +99,40 @@ fn pop() {
     STACK.with(|stack| stack.borrow_mut().running.pop());
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
-    let attribution = if shmem::is_preloaded() { stats::statement_starting(eflags) } else { None };
-    // SAFETY: chaining with PostgreSQL's own arguments.
-    unsafe { hook_chain::executor_start(PREV_EXECUTOR_START, query, eflags) };
-    // SAFETY: ExecutorStart succeeded: the query has its planned statement and executor state.
-    unsafe { quota::statement_started(query) };
-    if let Some(attribution) = attribution {
-        stats::statement_started(query, attribution);
+/// What `#[pg_guard]` does for the executor hooks, inline: a panic (a bug) becomes a PostgreSQL
+/// ERROR instead of unwinding into C. `#[pg_guard]` runs the body in a function of its own, called
+/// through the GOT, and returns its outcome through memory; for hooks that run for every statement
+/// that is several more cache lines of code and data per statement (benches/instructions). Here
+/// `catch_unwind` costs nothing until something panics, and only then is pgrx's guard entered, to
+/// raise the panic as it would have.
+#[inline(always)]
+fn guarded<R>(body: impl FnOnce() -> R) -> R {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(value) => value,
+        Err(panic) => raise(panic),
     }
+}
+
+#[cold]
+#[inline(never)]
+fn raise(panic: Box<dyn std::any::Any + Send>) -> ! {
+    // SAFETY: the function `#[pg_guard]` expands to, with a body that only resumes the panic: it
+    // turns it into a PostgreSQL ERROR (a long jump), exactly as for a panic inside that body.
+    unsafe { pg_sys::submodules::panic::pgrx_extern_c_guard::<_, ()>(|| std::panic::resume_unwind(panic)) };
+    unreachable!("pgrx raises a panic as an ERROR, which does not return")
+}
+
+unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
+    guarded(|| {
+        let attribution = if shmem::is_preloaded() { stats::statement_starting(eflags) } else { None };
+        // SAFETY: chaining with PostgreSQL's own arguments.
+        unsafe { hook_chain::executor_start(PREV_EXECUTOR_START, query, eflags) };
+        // SAFETY: ExecutorStart succeeded: the query has its planned statement and executor state.
+        unsafe { quota::statement_started(query) };
+        if let Some(attribution) = attribution {
+            stats::statement_started(query, attribution);
+        }
+    })
 }
 
 /// The clock when a run (or the finish) of `query` starts, if the statistics time it.
@@ -143,63 +167,67 @@ fn monotonic_nanos() -> i64 {
 }
 
 #[cfg(not(feature = "pg18"))]
-#[pg_guard]
 unsafe extern "C-unwind" fn executor_run(
     query: *mut pg_sys::QueryDesc,
     direction: pg_sys::ScanDirection::Type,
     count: u64,
     execute_once: bool,
 ) {
-    push(Running::Query(query));
-    let started = execution_started(query);
-    // SAFETY: chaining with PostgreSQL's own arguments.
-    unsafe { hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count, execute_once) };
-    execution_ended(query, started);
-    pop();
+    guarded(|| {
+        push(Running::Query(query));
+        let started = execution_started(query);
+        // SAFETY: chaining with PostgreSQL's own arguments.
+        unsafe { hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count, execute_once) };
+        execution_ended(query, started);
+        pop();
+    })
 }
 
 #[cfg(feature = "pg18")]
-#[pg_guard]
 unsafe extern "C-unwind" fn executor_run(
     query: *mut pg_sys::QueryDesc,
     direction: pg_sys::ScanDirection::Type,
     count: u64,
 ) {
-    push(Running::Query(query));
-    let started = execution_started(query);
-    // SAFETY: chaining with PostgreSQL's own arguments.
-    unsafe { hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count) };
-    execution_ended(query, started);
-    pop();
+    guarded(|| {
+        push(Running::Query(query));
+        let started = execution_started(query);
+        // SAFETY: chaining with PostgreSQL's own arguments.
+        unsafe { hook_chain::executor_run(PREV_EXECUTOR_RUN, query, direction, count) };
+        execution_ended(query, started);
+        pop();
+    })
 }
 
-#[pg_guard]
 unsafe extern "C-unwind" fn executor_finish(query: *mut pg_sys::QueryDesc) {
-    push(Running::Query(query));
-    // SAFETY: ExecutorFinish is called with a started query.
-    let started = if unsafe { finish_can_take_time(query) } { execution_started(query) } else { None };
-    // SAFETY: chaining with PostgreSQL's own argument.
-    unsafe { hook_chain::executor_finish(PREV_EXECUTOR_FINISH, query) };
-    execution_ended(query, started);
-    // Still one level deeper: whatever settling the statement runs is nested in it.
-    // SAFETY: the query has run to its end and its executor state is alive until ExecutorEnd.
-    unsafe { quota::statement_finished(query) };
-    pop();
+    guarded(|| {
+        push(Running::Query(query));
+        // SAFETY: ExecutorFinish is called with a started query.
+        let started = if unsafe { finish_can_take_time(query) } { execution_started(query) } else { None };
+        // SAFETY: chaining with PostgreSQL's own argument.
+        unsafe { hook_chain::executor_finish(PREV_EXECUTOR_FINISH, query) };
+        execution_ended(query, started);
+        // Still one level deeper: whatever settling the statement runs is nested in it.
+        // SAFETY: the query has run to its end and its executor state is alive until ExecutorEnd.
+        unsafe { quota::statement_finished(query) };
+        pop();
+    })
 }
 
-#[pg_guard]
 unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
-    if shmem::is_preloaded() {
-        // SAFETY: the executor state is still alive: standard_ExecutorEnd, which frees it, runs below.
-        unsafe { stats::statement_ending(query) };
-    }
-    quota::statement_ending(query);
-    // SAFETY: chaining with PostgreSQL's own argument.
-    unsafe { hook_chain::executor_end(PREV_EXECUTOR_END, query) };
+    guarded(|| {
+        if shmem::is_preloaded() {
+            // SAFETY: the executor state is still alive: standard_ExecutorEnd, which frees it, runs
+            // below.
+            unsafe { stats::statement_ending(query) };
+        }
+        quota::statement_ending(query);
+        // SAFETY: chaining with PostgreSQL's own argument.
+        unsafe { hook_chain::executor_end(PREV_EXECUTOR_END, query) };
+    })
 }
 
 #[cfg(not(feature = "pg13"))]
-#[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
     statement: *mut pg_sys::PlannedStmt,
@@ -211,26 +239,27 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     completion: *mut pg_sys::QueryCompletion,
 ) {
-    push(Running::Utility);
-    // SAFETY: chaining with PostgreSQL's own arguments.
-    unsafe {
-        hook_chain::process_utility(
-            PREV_PROCESS_UTILITY,
-            statement,
-            query_string,
-            read_only_tree,
-            context,
-            params,
-            query_env,
-            dest,
-            completion,
-        )
-    };
-    pop();
+    guarded(|| {
+        push(Running::Utility);
+        // SAFETY: chaining with PostgreSQL's own arguments.
+        unsafe {
+            hook_chain::process_utility(
+                PREV_PROCESS_UTILITY,
+                statement,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                completion,
+            )
+        };
+        pop();
+    })
 }
 
 #[cfg(feature = "pg13")]
-#[pg_guard]
 unsafe extern "C-unwind" fn process_utility(
     statement: *mut pg_sys::PlannedStmt,
     query_string: *const std::ffi::c_char,
@@ -240,21 +269,23 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     completion: *mut pg_sys::QueryCompletion,
 ) {
-    push(Running::Utility);
-    // SAFETY: chaining with PostgreSQL's own arguments.
-    unsafe {
-        hook_chain::process_utility(
-            PREV_PROCESS_UTILITY,
-            statement,
-            query_string,
-            context,
-            params,
-            query_env,
-            dest,
-            completion,
-        )
-    };
-    pop();
+    guarded(|| {
+        push(Running::Utility);
+        // SAFETY: chaining with PostgreSQL's own arguments.
+        unsafe {
+            hook_chain::process_utility(
+                PREV_PROCESS_UTILITY,
+                statement,
+                query_string,
+                context,
+                params,
+                query_env,
+                dest,
+                completion,
+            )
+        };
+        pop();
+    })
 }
 
 /// PostgreSQL calls this at every event of every transaction, and a pgbench -S transaction has two:
