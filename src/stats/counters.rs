@@ -144,13 +144,7 @@ impl Batch {
         let rounded = ((micros + 0.5) as u64).min(histogram::MAX_TRACKED_MICROS);
         let bucket = self.latency.record(rounded) as u16;
         if self.calls == 0 {
-            self.minute = minute_of(at);
-            self.first_at = at;
-            self.last_at = at;
-            self.min_micros = micros;
-            self.max_micros = micros;
-            self.lowest_bucket = bucket;
-            self.highest_bucket = bucket;
+            self.start(micros, at, bucket);
         } else {
             if micros < self.min_micros {
                 self.min_micros = micros;
@@ -165,6 +159,20 @@ impl Batch {
         self.calls += 1;
         self.rows += rows;
         self.total_micros += micros;
+    }
+
+    /// The first call of a batch, once a minute at most per backend: out of line, so that the code
+    /// every statement runs spans fewer cache lines.
+    #[cold]
+    #[inline(never)]
+    fn start(&mut self, micros: f64, at: i64, bucket: u16) {
+        self.minute = minute_of(at);
+        self.first_at = at;
+        self.last_at = at;
+        self.min_micros = micros;
+        self.max_micros = micros;
+        self.lowest_bucket = bucket;
+        self.highest_bucket = bucket;
     }
 
     /// Empties the batch once it was added, touching only the buckets it used.

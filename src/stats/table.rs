@@ -56,11 +56,33 @@ pub(super) static REGION: Region<Shared> =
 
 /// Who a statement is counted for.
 #[repr(C)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, Eq, Debug)]
 pub(crate) struct CompanyKey {
     database: pg_sys::Oid,
     /// The id's bytes, NUL-padded: the key is hashed and compared as plain bytes.
     company: [u8; COMPANY_ID_MAX_BYTES + 1],
+}
+
+/// Compared word by word, inline: every statement compares its company with its slot's, and a
+/// derived comparison calls memcmp, whose code is three more cache lines per statement. Equal exactly
+/// when the bytes are, as `Hash` hashes them.
+impl PartialEq for CompanyKey {
+    fn eq(&self, other: &CompanyKey) -> bool {
+        const { assert!((COMPANY_ID_MAX_BYTES + 1).is_multiple_of(8), "the id's bytes are whole words") };
+        let (ours, theirs) = (self.company.as_chunks::<8>().0, other.company.as_chunks::<8>().0);
+        let differing = ours
+            .iter()
+            .zip(theirs)
+            .fold(0, |bits, (a, b)| bits | (u64::from_ne_bytes(*a) ^ u64::from_ne_bytes(*b)));
+        self.database == other.database && differing == 0
+    }
+}
+
+impl std::hash::Hash for CompanyKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.database.hash(state);
+        self.company.hash(state);
+    }
 }
 
 impl CompanyKey {
@@ -628,4 +650,28 @@ pub(super) fn company_id_problem(company: &CStr) -> Option<String> {
     let length = company.to_bytes().len();
     (length > COMPANY_ID_MAX_BYTES)
         .then(|| format!("A company id is at most {COMPANY_ID_MAX_BYTES} bytes long; this one has {length}."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{COMPANY_ID_MAX_BYTES, CompanyKey};
+    use pgrx::pg_sys::Oid;
+
+    fn key(database: u32, company: &[u8]) -> CompanyKey {
+        CompanyKey::new(Oid::from(database), company).expect("a valid id")
+    }
+
+    #[test]
+    fn keys_are_equal_exactly_when_database_and_every_byte_are() {
+        let longest = vec![b'x'; COMPANY_ID_MAX_BYTES];
+        assert!(key(5, b"acme") == key(5, b"acme"));
+        assert!(key(5, &longest) == key(5, &longest));
+        assert!(key(5, b"acme") != key(6, b"acme"), "another database");
+        assert!(key(5, b"acme") != key(5, b"acm"), "a prefix");
+        assert!(key(5, b"acme") != key(5, b"acmf"), "the last byte");
+        let mut last_differs = longest.clone();
+        last_differs[COMPANY_ID_MAX_BYTES - 1] = b'y';
+        assert!(key(5, &longest) != key(5, &last_differs), "the last byte of the longest id");
+        assert!(key(5, b"bcme") != key(5, b"acme"), "the first byte");
+    }
 }
