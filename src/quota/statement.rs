@@ -181,9 +181,16 @@ fn upsert_started(query: *mut pg_sys::QueryDesc, upsert: bool) {
 /// `query` is between ExecutorStart and ExecutorEnd.
 #[inline(always)]
 pub(crate) unsafe fn statement_finished(query: *mut pg_sys::QueryDesc) {
-    if no_upsert_running() {
-        return;
+    if !no_upsert_running() {
+        // SAFETY: per the caller's contract.
+        unsafe { upsert_finished(query) };
     }
+}
+
+/// # Safety
+/// As `statement_finished`.
+#[inline(never)]
+unsafe fn upsert_finished(query: *mut pg_sys::QueryDesc) {
     let noted = forget_upsert(query);
     if let Some(entries) = noted.filter(|entries| !entries.is_empty()) {
         // SAFETY: the estate of a query between ExecutorStart and ExecutorEnd is valid.

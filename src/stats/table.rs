@@ -417,17 +417,13 @@ pub(super) fn update(key: &CompanyKey, now: i64, update: impl FnOnce(&mut Counte
 pub(super) fn record_call(key: &CompanyKey, micros: f64, rows: u64, at: i64) {
     let Some(shared) = REGION.try_get() else { return };
     let Some(slot) = shared.own_slot() else {
-        let mut batch = Batch::default();
-        batch.record_call(micros, rows, at);
-        return update(key, at, |counters| counters.add(&batch));
+        return record_call_without_slot(key, micros, rows, at);
     };
     let mut pending = slot.0.lock();
     if !pending.batch.is_empty() && (pending.key != *key || !pending.batch.accepts(at)) {
         let (previous, first_at) = (pending.key, pending.batch.first_at());
         drop(pending);
-        with_entry(shared, &previous, first_at, |held, entry| {
-            shared.move_batch(held, slot, &previous, entry)
-        });
+        move_own_batch(shared, slot, &previous, first_at);
         // Only this backend fills its slot, so it is empty now.
         pending = slot.0.lock();
     }
@@ -435,6 +431,23 @@ pub(super) fn record_call(key: &CompanyKey, micros: f64, rows: u64, at: i64) {
         pending.key = *key;
     }
     pending.batch.record_call(micros, rows, at);
+}
+
+// The two paths below are rare (a change of company or minute; a process without a slot) and take
+// the table's lock: out of line, they keep the code every statement runs within fewer cache lines.
+
+#[cold]
+#[inline(never)]
+fn move_own_batch(shared: &Shared, slot: &BackendSlot, key: &CompanyKey, first_at: i64) {
+    with_entry(shared, key, first_at, |held, entry| shared.move_batch(held, slot, key, entry));
+}
+
+#[cold]
+#[inline(never)]
+fn record_call_without_slot(key: &CompanyKey, micros: f64, rows: u64, at: i64) {
+    let mut batch = Batch::default();
+    batch.record_call(micros, rows, at);
+    update(key, at, |counters| counters.add(&batch));
 }
 
 pub(super) fn count_unattributed_call() {
