@@ -527,7 +527,7 @@ fn refuse_prepare() {
 /// configuration and within bounds (see `Ledger::finish_transaction`). Never panics (crate::statements
 /// calls it before pgrx's guard); false when the state is borrowed, so the full handler decides.
 pub(crate) fn settled_at_commit() -> bool {
-    statement::settled_at_commit()
+    statement::no_upsert_running()
         && LEDGER.with(|ledger| {
             ledger.try_borrow().is_ok_and(|ledger| {
                 ledger.active.is_empty() && ledger.truncations.is_empty() && !ledger.is_stale()

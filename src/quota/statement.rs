@@ -101,16 +101,12 @@ pub(super) fn reset() {
     with_upserts(|upserts| upserts.clear());
 }
 
-/// No upsert has notes: what `reset` would leave. Never panics.
-pub(super) fn settled_at_commit() -> bool {
-    no_upsert_running()
-}
-
-/// Whether no upsert is running, which is the case for nearly every statement: the executor hooks
-/// check this inline and call out only otherwise, so that the map's code stays out of the
-/// instruction cache of ordinary statements (benches/instructions counts the misses).
+/// Whether no upsert is running (has notes), which is the case for nearly every statement and is what
+/// `reset` leaves. Never panics. The executor hooks check this inline and call out only otherwise, so
+/// that the map's code stays out of the instruction cache of ordinary statements
+/// (benches/instructions counts the misses).
 #[inline(always)]
-fn no_upsert_running() -> bool {
+pub(super) fn no_upsert_running() -> bool {
     UPSERTS.with(|upserts| upserts.try_borrow().is_ok_and(|upserts| upserts.is_empty()))
 }
 
