@@ -3,7 +3,9 @@
 //! - rate-limit decisions per second, in-process and through Redis;
 //! - checkout + query through the tenant pool against raw deadpool-postgres (target <= 1.1x), with the
 //!   company changing on every checkout (the attribution `SET` is sent every time) and with one company
-//!   (the server's report makes it needless after the first checkout);
+//!   (the server's report makes it needless after the first checkout); the changing company is also
+//!   compared with raw deadpool-postgres doing the same work by hand (the same `SET`, pipelined before
+//!   the query as the pool sends it), which is what the pool itself adds when companies change;
 //! - what that `SET` costs by itself: a raw connection running the pool's statement with and without the
 //!   `SET` pipelined before it, in latency and in backend CPU.
 //!
@@ -137,13 +139,20 @@ async fn pool_checkout_against_raw_deadpool(cluster: &Cluster) -> Result<()> {
     // A pool for each tenant variant: one pool's connection would carry the rotating variant's last
     // company into the one-company variant's next checkout.
     let (rotating, one_company) = (tenant_pool().await?, tenant_pool().await?);
-    let raw_pool = Pool::builder(Manager::from_config(
-        cluster.url().parse()?,
-        tokio_postgres::NoTls,
-        ManagerConfig { recycling_method: RecyclingMethod::Fast },
-    ))
-    .max_size(4)
-    .build()?;
+    let raw_pool = || {
+        anyhow::Ok(
+            Pool::builder(Manager::from_config(
+                cluster.url().parse()?,
+                tokio_postgres::NoTls,
+                ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            ))
+            .max_size(4)
+            .build()?,
+        )
+    };
+    // The hand-attributing variant on a pool of its own: its connections carry a company, which the
+    // plain variant's must not (an attributed statement costs the server more than an unattributed one).
+    let raw_pools = [raw_pool()?, raw_pool()?];
     let companies: Vec<String> = (0..COMPANIES).map(|index| format!("company-{index}")).collect();
 
     let mut comparison = Comparison::new(
@@ -152,13 +161,19 @@ async fn pool_checkout_against_raw_deadpool(cluster: &Cluster) -> Result<()> {
             "raw deadpool-postgres",
             "tenant pool write(company), 100 companies in turn",
             "tenant pool write(company), one company",
+            "raw deadpool-postgres, the same SET by hand, 100 companies in turn",
         ],
         "us/op",
     );
     for _ in 0..ROUNDS {
-        comparison.record_round(&checkout_round(&raw_pool, [&rotating, &one_company], &companies).await?);
+        comparison.record_round(&checkout_round(&raw_pools, [&rotating, &one_company], &companies).await?);
     }
     print!("{}", comparison.report());
+    println!(
+        "checkout + query: median ratio tenant pool, 100 companies in turn / raw deadpool-postgres with the \
+         same SET by hand {:.3}x",
+        comparison.median_ratio_to(1, 3)
+    );
     for (name, pool) in [("100 companies in turn", &rotating), ("one company", &one_company)] {
         let primary = &pool.health().await[0];
         println!(
@@ -171,26 +186,42 @@ async fn pool_checkout_against_raw_deadpool(cluster: &Cluster) -> Result<()> {
 }
 
 /// `OPS` checkouts + queries of each variant, alternating operation by operation, so that a change of
-/// load on this shared machine weighs on every variant alike; returns the mean us/op of each.
+/// load on this shared machine weighs on every variant alike; returns the mean us/op of each: raw
+/// deadpool-postgres, the tenant pool with companies in turn and with one company, and raw
+/// deadpool-postgres attributing by hand (`raw_pools[1]`).
 async fn checkout_round(
-    raw_pool: &Pool,
+    raw_pools: &[Pool; 2],
     tenant_pools: [&TenantPool; 2],
     companies: &[String],
-) -> Result<[f64; 3]> {
-    let mut spent = [Duration::ZERO; 3];
+) -> Result<[f64; 4]> {
+    let mut spent = [Duration::ZERO; 4];
     for index in 0..OPS {
         let value = index as i32;
+        let company = &companies[index % COMPANIES];
         for (variant, spent) in spent.iter_mut().enumerate() {
             let started = Instant::now();
-            let got: i32 = if variant == 0 {
-                let client = raw_pool.get().await?;
-                let statement = client.prepare_cached(QUERY).await?;
-                client.query_one(&statement, &[&value]).await?.get(0)
-            } else {
-                let company = &companies[if variant == 1 { index % COMPANIES } else { 0 }];
-                let connection = tenant_pools[variant - 1].write(Some(company)).await?;
-                let statement = connection.prepare_cached(QUERY).await?;
-                connection.query_one(&statement, &[&value]).await?.get(0)
+            let got: i32 = match variant {
+                0 => {
+                    let client = raw_pools[0].get().await?;
+                    let statement = client.prepare_cached(QUERY).await?;
+                    client.query_one(&statement, &[&value]).await?.get(0)
+                }
+                1 | 2 => {
+                    let company = if variant == 1 { company } else { &companies[0] };
+                    let connection = tenant_pools[variant - 1].write(Some(company)).await?;
+                    let statement = connection.prepare_cached(QUERY).await?;
+                    connection.query_one(&statement, &[&value]).await?.get(0)
+                }
+                _ => {
+                    let client = raw_pools[1].get().await?;
+                    let statement = client.prepare_cached(QUERY).await?;
+                    let set = format!("SET tenant_scale.company = '{company}'");
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&value];
+                    let query = client.query_one(&statement, &params);
+                    let (set, row) = tokio::join!(biased; client.batch_execute(&set), query);
+                    set?;
+                    row?.get(0)
+                }
             };
             *spent += started.elapsed();
             anyhow::ensure!(got == value);
