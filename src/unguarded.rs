@@ -14,6 +14,8 @@
 use std::cell::UnsafeCell;
 use std::mem::MaybeUninit;
 use std::ops::{Deref, DerefMut};
+#[cfg(target_arch = "x86_64")]
+use std::sync::atomic::Ordering;
 
 use pgrx::pg_sys;
 
@@ -40,10 +42,54 @@ unsafe extern "C-unwind" {
     ) -> *mut std::ffi::c_void;
     #[link_name = "SpinLockInit__pgrx_cshim"]
     fn spin_lock_init(lock: *mut pg_sys::slock_t);
+    #[cfg(not(target_arch = "x86_64"))]
     #[link_name = "SpinLockAcquire__pgrx_cshim"]
     fn spin_lock_acquire(lock: *mut pg_sys::slock_t);
+    #[cfg(not(target_arch = "x86_64"))]
     #[link_name = "SpinLockRelease__pgrx_cshim"]
     fn spin_lock_release(lock: *mut pg_sys::slock_t);
+    #[cfg(target_arch = "x86_64")]
+    #[link_name = "s_lock"]
+    fn s_lock(
+        lock: *mut pg_sys::slock_t,
+        file: *const std::ffi::c_char,
+        line: std::ffi::c_int,
+        func: *const std::ffi::c_char,
+    ) -> std::ffi::c_int;
+}
+
+/// PostgreSQL's SpinLockAcquire on x86-64, inline: one `lock xchg` of the lock byte (its TAS), and
+/// only when that finds the lock taken, s_lock, which spins, backs off and reports a stuck lock as
+/// PostgreSQL's own callers do. The cshim's out-of-line function, reached through the GOT, is two
+/// more calls into code of its own on every statement's slot update.
+///
+/// # Safety
+/// `lock` is an initialised slock_t in memory every process maps.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn spin_lock_acquire(lock: *mut pg_sys::slock_t) {
+    // slock_t is an unsigned char on x86-64, and PostgreSQL's TAS an atomic exchange of it with 1.
+    // SAFETY: the lock byte is only ever accessed atomically (or by PostgreSQL's own lock code, whose
+    // xchg and plain release store are atomic byte accesses too).
+    let taken = unsafe { std::sync::atomic::AtomicU8::from_ptr(lock) }.swap(1, Ordering::Acquire) != 0;
+    if taken {
+        // SAFETY: as PostgreSQL's S_LOCK macro calls it, after a failed TAS.
+        unsafe {
+            s_lock(lock, c"unguarded.rs".as_ptr(), line!() as std::ffi::c_int, c"spin_lock_acquire".as_ptr())
+        };
+    }
+}
+
+/// PostgreSQL's SpinLockRelease on x86-64: a store of 0 with release ordering (a compiler barrier
+/// and a plain store there).
+///
+/// # Safety
+/// This backend holds `lock`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn spin_lock_release(lock: *mut pg_sys::slock_t) {
+    // SAFETY: as in `spin_lock_acquire`.
+    unsafe { std::sync::atomic::AtomicU8::from_ptr(lock) }.store(0, Ordering::Release);
 }
 
 /// A value in shared memory behind PostgreSQL's spinlock, as pgrx's `PgSpinLock` but taken and
