@@ -25,6 +25,7 @@ use pgrx::prelude::*;
 
 /// Set in the postmaster during `shared_preload_libraries` processing and inherited by every backend
 /// it forks; stays false in a backend that loaded the library on demand.
+#[unsafe(link_section = ".data.tenant_scale.per_statement")]
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 /// Regions declared by the features, in registration order. Only the postmaster writes it, in

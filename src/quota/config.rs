@@ -154,6 +154,7 @@ struct Cache {
     companies_relid: Cell<pg_sys::Oid>,
 }
 
+#[unsafe(link_section = ".data.tenant_scale.per_statement")]
 static CACHE: BackendLocal<Cache> = BackendLocal::new(Cache {
     current: RefCell::new(None),
     stale: Cell::new(true),

@@ -65,6 +65,7 @@ pub(super) fn register_gucs() {
     );
 }
 
+#[unsafe(link_section = ".data.tenant_scale.per_statement")]
 pub(super) static REGION: Region<Counters> = Region::new(c"tenant_scale_quota", shared_size, 1, init);
 
 const EMPTY: u32 = 0;

@@ -169,6 +169,7 @@ struct Ledger {
     generation: u64,
 }
 
+#[unsafe(link_section = ".data.tenant_scale.per_statement")]
 static LEDGER: BackendLocal<RefCell<Ledger>> = BackendLocal::new(RefCell::new(Ledger::EMPTY));
 
 impl Ledger {

@@ -48,6 +48,7 @@ pub(super) struct UpsertEntry {
 type UpsertNotes = FxHashMap<Vec<u8>, UpsertEntry>;
 
 /// Upserts between ExecutorStart and ExecutorFinish, by QueryDesc address.
+#[unsafe(link_section = ".data.tenant_scale.per_statement")]
 static UPSERTS: BackendLocal<RefCell<FxHashMap<usize, UpsertNotes>>> =
     BackendLocal::new(RefCell::new(FxHashMap::with_hasher(FxBuildHasher)));
 

@@ -13,6 +13,10 @@
 //!   `try_borrow`s, so an error raised anywhere can never meet a borrowed cell.
 //! - Attribution is read when a statement starts (ExecutorStart): `SET LOCAL` and
 //!   `set_config(.., true)` apply to the statements that start after them.
+//! - `tenant_scale.company`'s assign hook keeps `Backend::company` (the id and a generation that
+//!   changes with every assignment), so that a statement's start reads a number instead of measuring
+//!   and copying the setting. A capture names its company by generation; when the setting changes
+//!   while statements started under the old value still run, the hook hands them its key.
 //! - A statement that fails never reaches ExecutorEnd. Its error is seen in emit_log_hook (which must
 //!   not touch shared memory: it may run while this backend holds the table's lock), kept in
 //!   `Backend::pending_errors`, and written at the (sub)transaction abort that always follows an
@@ -30,25 +34,50 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 use super::counters::Interval;
+use super::table::COMPANY_ID_MAX_BYTES;
 use super::table::{self, CompanyKey};
-use super::{COMPANY, TRACK, Track};
+use super::{TRACK, Track};
 use crate::backend_local::BackendLocal;
 use crate::{statements, unguarded};
 
 static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
 
 /// Who a tracked statement is counted for.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Attribution {
-    Company(CompanyKey),
+    /// The company `tenant_scale.company` named at that `CurrentCompany::generation`.
+    Company(u64),
     /// `tenant_scale.company` was empty: only counted in stats_info().unattributed_calls.
     Unattributed,
+}
+
+/// The value of `tenant_scale.company`, as its assign hook last saw it.
+struct CurrentCompany {
+    /// Different for every assignment, even of the same value; never 0.
+    generation: u64,
+    length: usize,
+    id: [u8; COMPANY_ID_MAX_BYTES],
+}
+
+impl CurrentCompany {
+    fn attribution(&self) -> Attribution {
+        if self.length == 0 { Attribution::Unattributed } else { Attribution::Company(self.generation) }
+    }
+
+    /// The key of the company named, in this backend's database (`None` when unattributed).
+    fn key(&self) -> Option<CompanyKey> {
+        // SAFETY: a plain global, set before any statement runs.
+        CompanyKey::new(unsafe { pg_sys::MyDatabaseId }, &self.id[..self.length])
+    }
 }
 
 /// A statement seen at ExecutorStart and not yet at ExecutorEnd.
 struct Capture {
     query: *const pg_sys::QueryDesc,
     attribution: Attribution,
+    /// The key of its company, handed over by the assign hook when the setting changed while it ran
+    /// (its generation is no longer current).
+    superseded: Option<Box<CompanyKey>>,
     started: i64,
     /// Nanoseconds spent in its ExecutorRun and ExecutorFinish so far (what pg_stat_statements counts
     /// as execution time: not the time a cursor waits between fetches).
@@ -64,12 +93,15 @@ struct PendingSnapshot {
 }
 
 struct Backend {
+    company: RefCell<CurrentCompany>,
     captures: RefCell<Vec<Capture>>,
     pending_errors: RefCell<Vec<(CompanyKey, i64)>>,
     pending_snapshots: RefCell<Vec<PendingSnapshot>>,
 }
 
+#[unsafe(link_section = ".data.tenant_scale.per_statement")]
 static BACKEND: BackendLocal<Backend> = BackendLocal::new(Backend {
+    company: RefCell::new(CurrentCompany { generation: 0, length: 0, id: [0; COMPANY_ID_MAX_BYTES] }),
     captures: RefCell::new(Vec::new()),
     pending_errors: RefCell::new(Vec::new()),
     pending_snapshots: RefCell::new(Vec::new()),
@@ -84,17 +116,43 @@ pub(super) fn install() {
     }
 }
 
-/// The company `tenant_scale.company` names now, read without copying the setting.
-fn current_company() -> Option<CompanyKey> {
-    // SAFETY: the GUC machinery keeps the pointer valid until the setting next changes, which cannot
-    // happen during this call; MyDatabaseId is a plain global.
-    unsafe {
-        let value = *COMPANY.as_ptr();
-        if value.is_null() {
-            return None;
+/// `tenant_scale.company` takes `company` (checked: at most COMPANY_ID_MAX_BYTES bytes). Called by
+/// its assign hook, also when a transaction, subtransaction or function ends and restores an earlier
+/// value; never raises.
+pub(super) fn company_assigned(company: &CStr) {
+    let company = company.to_bytes();
+    BACKEND.with(|backend| {
+        let Ok(mut current) = backend.company.try_borrow_mut() else { return };
+        // Only the latest captures can have started under the value being replaced: generations
+        // only grow, and captures are stacked in the order their statements started.
+        if let (Attribution::Company(replaced), Ok(mut captures)) =
+            (current.attribution(), backend.captures.try_borrow_mut())
+        {
+            for capture in captures
+                .iter_mut()
+                .rev()
+                .take_while(|capture| capture.attribution == Attribution::Company(replaced))
+            {
+                capture.superseded = current.key().map(Box::new);
+            }
         }
-        CompanyKey::new(pg_sys::MyDatabaseId, CStr::from_ptr(value).to_bytes())
+        let length = company.len().min(COMPANY_ID_MAX_BYTES);
+        current.generation += 1;
+        current.length = length;
+        current.id[..length].copy_from_slice(&company[..length]);
+    });
+}
+
+/// The key of a statement's company, from its capture.
+fn company_of(capture: &Capture) -> Option<CompanyKey> {
+    let Attribution::Company(generation) = capture.attribution else { return None };
+    if let Some(key) = &capture.superseded {
+        return Some(**key);
     }
+    BACKEND.with(|backend| {
+        let current = backend.company.try_borrow().ok()?;
+        (current.generation == generation).then(|| current.key()).flatten()
+    })
 }
 
 /// Whether statements at this nesting depth are tracked in this process.
@@ -117,7 +175,7 @@ fn tracking(nesting: usize) -> bool {
 pub(crate) fn statement_starting(eflags: c_int) -> Option<Attribution> {
     let explain_only = eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int != 0;
     (!explain_only && tracking(statements::depth()))
-        .then(|| current_company().map_or(Attribution::Unattributed, Attribution::Company))
+        .then(|| BACKEND.with(|backend| backend.company.borrow().attribution()))
 }
 
 /// ExecutorStart has prepared `query`, counted for `attribution`.
@@ -131,6 +189,7 @@ pub(crate) fn statement_started(query: *mut pg_sys::QueryDesc, attribution: Attr
     let capture = Capture {
         query,
         attribution,
+        superseded: None,
         started: unguarded::statement_start(),
         executing_nanos: 0,
         xact_level: unguarded::transaction_nest_level(),
@@ -183,14 +242,14 @@ pub(crate) unsafe fn statement_ending(query: *mut pg_sys::QueryDesc) {
 }
 
 unsafe fn record_completed(query: *mut pg_sys::QueryDesc, capture: &Capture) {
-    let Attribution::Company(key) = capture.attribution else {
+    let Attribution::Company(generation) = capture.attribution else {
         table::count_unattributed_call();
         return;
     };
     // SAFETY: the caller guarantees the query descriptor and its estate are alive.
     let rows = unsafe { (*(*query).estate).es_processed };
     let micros = capture.executing_nanos as f64 / 1_000.0;
-    table::record_call(&key, micros, rows, capture.started);
+    table::record_call(generation, || company_of(capture), micros, rows, capture.started);
 }
 
 #[pg_guard]
@@ -213,16 +272,13 @@ fn note_error() {
     BACKEND.with(|backend| {
         let nesting = statements::depth();
         let Ok(captures) = backend.captures.try_borrow() else { return };
-        let outermost = captures.first().map(|capture| capture.attribution);
-        drop(captures);
-        let attribution = match outermost {
-            Some(attribution) => Some(attribution),
-            None if tracking(nesting) => current_company().map(Attribution::Company),
+        let key = match captures.first() {
+            Some(outermost) => company_of(outermost),
+            None if tracking(nesting) => backend.company.try_borrow().ok().and_then(|current| current.key()),
             None => None,
         };
-        if let (Some(Attribution::Company(key)), Ok(mut pending)) =
-            (attribution, backend.pending_errors.try_borrow_mut())
-        {
+        drop(captures);
+        if let (Some(key), Ok(mut pending)) = (key, backend.pending_errors.try_borrow_mut()) {
             pending.push((key, unguarded::statement_start()));
         }
     });

@@ -52,6 +52,7 @@ pub(crate) enum Track {
 }
 
 static COMPANY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+#[unsafe(link_section = ".data.tenant_scale.per_statement")]
 static TRACK: GucSetting<Track> = GucSetting::<Track>::new(Track::Top);
 static MAX_COMPANIES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 static PROBLEM_ERROR_RATE: GucSetting<f64> = GucSetting::<f64>::new(0.05);
@@ -77,7 +78,7 @@ pub(crate) fn register_gucs() {
             // which company a connection carries without asking and skip a SET that would change nothing.
             GucFlags::REPORT,
             Some(check_company),
-            None,
+            Some(assign_company),
             None,
         );
     }
@@ -207,6 +208,14 @@ unsafe extern "C-unwind" fn check_company(
             pg_sys::pstrdup(c"Use a shorter id, for example the company's numeric id or UUID.".as_ptr());
     }
     false
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn assign_company(new_value: *const c_char, _extra: *mut c_void) {
+    if !new_value.is_null() {
+        // SAFETY: the value check_company accepted, NUL-terminated, owned by the GUC machinery.
+        hooks::company_assigned(unsafe { CStr::from_ptr(new_value) });
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

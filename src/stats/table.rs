@@ -30,6 +30,7 @@
 //! start-up the file is read back into the new table and then removed, so a later crash starts from
 //! empty rather than from stale figures.
 
+use std::cell::Cell;
 use std::ffi::CStr;
 use std::io::Write;
 use std::mem::size_of;
@@ -38,6 +39,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use pgrx::pg_sys;
 
 use super::counters::{Batch, Counters, INITIAL_USAGE, Interval, Summary, USAGE_DECAY};
+use crate::backend_local::BackendLocal;
 use crate::shmem::Region;
 use crate::unguarded::{self, SpinLock};
 
@@ -51,6 +53,7 @@ const FILE_VERSION: u32 = 1;
 /// Share of the table evicted in one pass when it is full.
 const EVICT_PERCENT: usize = 5;
 
+#[unsafe(link_section = ".data.tenant_scale.per_statement")]
 pub(super) static REGION: Region<Shared> =
     Region::new(c"tenant_scale stats", shared_size, 1, init_shared).on_clean_shutdown(save_file);
 
@@ -126,13 +129,21 @@ struct Entry {
 #[repr(C, align(64))]
 struct BackendSlot(SpinLock<Pending>);
 
+/// The batch comes first: with the spinlock, its counts share the first cache lines, and a statement
+/// for the company the backend counted last does not read the key.
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct Pending {
+    batch: Batch,
     /// Whose calls `batch` holds; meaningless while it is empty.
     key: CompanyKey,
-    batch: Batch,
 }
+
+/// The attribution generation (stats/hooks.rs) whose company this backend last wrote into its slot's
+/// key: while the batch holds calls, a call of that generation belongs to it without comparing keys.
+/// Only this backend writes its slot's key; 0 matches no generation.
+#[unsafe(link_section = ".data.tenant_scale.per_statement")]
+static SLOT_KEY_GENERATION: BackendLocal<Cell<u64>> = BackendLocal::new(Cell::new(0));
 
 /// The region's root, in shared memory. The pointers are set once by the postmaster and are valid
 /// at the same address in every backend (they inherit the mapping through fork).
@@ -200,7 +211,7 @@ unsafe fn init_shared(locks: *mut pg_sys::LWLockPadded) -> *mut Shared {
         )
         .cast::<BackendSlot>();
         if !slots_found {
-            let empty = Pending { key: CompanyKey::UNSET, batch: Batch::default() };
+            let empty = Pending { batch: Batch::default(), key: CompanyKey::UNSET };
             for index in 0..slot_count() {
                 slots.add(index).write(BackendSlot(SpinLock::new(empty)));
             }
@@ -412,34 +423,59 @@ pub(super) fn update(key: &CompanyKey, now: i64, update: impl FnOnce(&mut Counte
     });
 }
 
-/// Counts a completed statement for `key`: `micros` of execution, `rows` processed, started `at`.
-/// Does nothing when the library was not preloaded.
-pub(super) fn record_call(key: &CompanyKey, micros: f64, rows: u64, at: i64) {
+/// Counts a completed statement for the company of attribution `generation`, whose key `key` gives
+/// (`None`: not counted): `micros` of execution, `rows` processed, started `at`. Does nothing when
+/// the library was not preloaded.
+pub(super) fn record_call(
+    generation: u64,
+    key: impl FnOnce() -> Option<CompanyKey>,
+    micros: f64,
+    rows: u64,
+    at: i64,
+) {
     let Some(shared) = REGION.try_get() else { return };
     let Some(slot) = shared.own_slot() else {
-        return record_call_without_slot(key, micros, rows, at);
+        if let Some(key) = key() {
+            record_call_without_slot(&key, micros, rows, at);
+        }
+        return;
     };
+    let mut pending = slot.0.lock();
+    let same_batch = !pending.batch.is_empty()
+        && SLOT_KEY_GENERATION.with(|slot_key| slot_key.get() == generation)
+        && pending.batch.accepts(at);
+    if !same_batch {
+        drop(pending);
+        let Some(key) = key() else { return };
+        prepare_slot(shared, slot, generation, &key, at);
+        pending = slot.0.lock();
+    }
+    pending.batch.record_call(micros, rows, at);
+}
+
+// The paths below are rare (a change of company or minute, a batch a reader moved; a process without
+// a slot) and may take the table's lock: out of line, they keep the code every statement runs within
+// fewer cache lines.
+
+/// Makes `slot` ready for a call of `key` at `at`: its batch, if it holds calls of another company
+/// or minute, moves to the table, and its key names `key`, of attribution `generation`.
+#[cold]
+#[inline(never)]
+fn prepare_slot(shared: &Shared, slot: &BackendSlot, generation: u64, key: &CompanyKey, at: i64) {
     let mut pending = slot.0.lock();
     if !pending.batch.is_empty() && (pending.key != *key || !pending.batch.accepts(at)) {
         let (previous, first_at) = (pending.key, pending.batch.first_at());
         drop(pending);
-        move_own_batch(shared, slot, &previous, first_at);
+        with_entry(shared, &previous, first_at, |held, entry| {
+            shared.move_batch(held, slot, &previous, entry)
+        });
         // Only this backend fills its slot, so it is empty now.
         pending = slot.0.lock();
     }
     if pending.batch.is_empty() {
         pending.key = *key;
     }
-    pending.batch.record_call(micros, rows, at);
-}
-
-// The two paths below are rare (a change of company or minute; a process without a slot) and take
-// the table's lock: out of line, they keep the code every statement runs within fewer cache lines.
-
-#[cold]
-#[inline(never)]
-fn move_own_batch(shared: &Shared, slot: &BackendSlot, key: &CompanyKey, first_at: i64) {
-    with_entry(shared, key, first_at, |held, entry| shared.move_batch(held, slot, key, entry));
+    SLOT_KEY_GENERATION.with(|slot_key| slot_key.set(generation));
 }
 
 #[cold]

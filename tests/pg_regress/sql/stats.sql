@@ -133,3 +133,27 @@ DROP OWNED BY app_acme, dashboards;
 DROP ROLE app_acme, dashboards;
 DROP FUNCTION order_count();
 DROP TABLE orders;
+
+-- A statement counts for the company named when it started, even when it changes the setting as
+-- it runs: the first set_config below counts for hooli, the SELECT after it for piedpiper, and the
+-- error of the last statement for piedpiper too. With tenant_scale.track = all, a function's SET
+-- clause attributes the statements inside it, while the call itself still counts for the caller's
+-- company.
+CREATE FUNCTION count_as_endframe() RETURNS bigint LANGUAGE plpgsql
+SET tenant_scale.company = 'endframe' AS $$
+DECLARE n bigint;
+BEGIN
+    SELECT count(*) INTO n FROM pg_class WHERE false;
+    RETURN n;
+END $$;
+SET tenant_scale.company = 'hooli';
+SELECT set_config('tenant_scale.company', 'piedpiper', false);
+SELECT 1;
+SET tenant_scale.track = 'all';
+SELECT count_as_endframe();
+RESET tenant_scale.track;
+SELECT set_config('tenant_scale.company', 'hooli', false), 1 / count(*) FROM pg_class WHERE false;
+RESET tenant_scale.company;
+SELECT company_id, calls, errors FROM tenant_scale.company_stats
+ WHERE company_id IN ('hooli', 'piedpiper', 'endframe') ORDER BY company_id;
+DROP FUNCTION count_as_endframe();
