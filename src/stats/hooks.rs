@@ -34,8 +34,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 use super::counters::Interval;
-use super::table::COMPANY_ID_MAX_BYTES;
-use super::table::{self, CompanyKey};
+use super::table::{self, COMPANY_ID_MAX_BYTES, CompanyKey};
 use super::{TRACK, Track};
 use crate::backend_local::BackendLocal;
 use crate::{statements, unguarded};
