@@ -11,9 +11,10 @@
 //!
 //! Latencies are means over sequential operations (one client, so the round trip dominates, as it does
 //! for a request handler); every figure is measured in interleaved rounds and compared round by round.
-//! The database lines go further and alternate their variants operation by operation within a round
-//! (each variant on a pool or connection of its own): a few hundred microseconds per operation are
-//! at the mercy of whatever else runs on a shared 2-core machine, and this way it weighs on all alike.
+//! The cache and database lines go further and alternate their variants operation by operation within
+//! a round (each variant on a connection or pool of its own): a few hundred microseconds per operation
+//! are at the mercy of whatever else runs on a shared 2-core machine, and this way it weighs on all
+//! alike.
 //! Started by `benches/run client`, which installs the extension into a private tree first.
 
 use std::time::{Duration, Instant};
@@ -30,19 +31,6 @@ use tenant_scale_harness::{Cluster, Redis};
 const ROUNDS: usize = 7;
 const OPS: usize = 3_000;
 const COMPANIES: usize = 100;
-
-/// Mean microseconds per operation over `OPS` sequential runs of `op`.
-async fn mean_micros<F, Fut>(mut op: F) -> Result<f64>
-where
-    F: FnMut(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    let started = Instant::now();
-    for index in 0..OPS {
-        op(index).await?;
-    }
-    Ok(started.elapsed().as_secs_f64() * 1e6 / OPS as f64)
-}
 
 /// Runs `future` to completion from the synchronous closures `Comparison::run` takes.
 fn wait<T>(future: impl std::future::Future<Output = T>) -> T {
@@ -84,10 +72,13 @@ async fn cache_hit_against_raw_get(redis: &Redis) -> Result<()> {
     redis::cmd("SET").arg("raw:42").arg(value.to_string()).exec_async(&mut raw).await?;
 
     let mut comparison = Comparison::new("cache read", &["raw redis GET", "cache hit (get_or_set)"], "us/op");
-    comparison.run(ROUNDS, |variant| {
-        wait(mean_micros(|_| {
-            let (mut raw, cache, value) = (raw.clone(), &cache, &value);
-            async move {
+    for _ in 0..ROUNDS {
+        // As in checkout_round, the two alternate operation by operation; which goes first alternates
+        // too, so that neither always follows the other.
+        let mut spent = [Duration::ZERO; 2];
+        for index in 0..OPS {
+            for variant in [index % 2, 1 - index % 2] {
+                let started = Instant::now();
                 if variant == 0 {
                     let got: String = redis::cmd("GET").arg("raw:42").query_async(&mut raw).await?;
                     anyhow::ensure!(!got.is_empty());
@@ -97,12 +88,13 @@ async fn cache_hit_against_raw_get(redis: &Redis) -> Result<()> {
                             anyhow::bail!("the value is cached")
                         })
                         .await?;
-                    anyhow::ensure!(&got == value);
+                    anyhow::ensure!(got == value);
                 }
-                Ok(())
+                spent[variant] += started.elapsed();
             }
-        }))
-    })?;
+        }
+        comparison.record_round(&spent.map(|spent| spent.as_secs_f64() * 1e6 / OPS as f64));
+    }
     print!("{}", comparison.report());
     let stats = cache.stats().total;
     println!("cache read: {} hits, {} misses, {} errors", stats.hits, stats.misses, stats.errors);
