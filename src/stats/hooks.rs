@@ -127,12 +127,13 @@ pub(super) fn company_assigned(company: &CStr) {
         if let (Attribution::Company(replaced), Ok(mut captures)) =
             (current.attribution(), backend.captures.try_borrow_mut())
         {
+            let replaced_key = current.key();
             for capture in captures
                 .iter_mut()
                 .rev()
                 .take_while(|capture| capture.attribution == Attribution::Company(replaced))
             {
-                capture.superseded = current.key().map(Box::new);
+                capture.superseded = replaced_key.map(Box::new);
             }
         }
         let length = company.len().min(COMPANY_ID_MAX_BYTES);
@@ -159,9 +160,8 @@ fn tracking(nesting: usize) -> bool {
     // SAFETY: plain globals; parallel workers report to their leader, which counts the statement.
     let ordinary_backend =
         unsafe { pg_sys::ParallelWorkerNumber < 0 && pg_sys::MyDatabaseId != pg_sys::Oid::INVALID };
-    // Read raw, as `current_company` reads its setting: `GucSetting::get` checks the calling thread
-    // through a thread-local lookup on every statement, and hooks only ever run on the backend's
-    // main thread.
+    // Read raw: `GucSetting::get` checks the calling thread through a thread-local lookup on every
+    // statement, and hooks only ever run on the backend's main thread.
     // Compared as an ordinal: `Track::from_ordinal` is a generated match with a panic arm, one more
     // cache line of code per statement. `none` (or anything else) tracks nothing.
     // SAFETY: a plain read of the setting's variable.
