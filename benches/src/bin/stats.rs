@@ -13,8 +13,10 @@
 //! Each workload is measured twice:
 //! - interleaved (the figures the targets are judged on): the workload's statements, prepared, over
 //!   connections held open to all five clusters, each client sending its transactions to the five
-//!   in turn (see `Interleaved`); INTERLEAVED_ROUNDS rounds (default 40) of 1,000 transactions per
-//!   client and cluster (250 for the heavier workloads), compared as server CPU per transaction;
+//!   in turn (see `Interleaved`); INTERLEAVED_ROUNDS rounds (default 120) of 1,000 transactions per
+//!   client and cluster (250 for the heavier workloads), compared as server CPU per transaction.
+//!   With 40 rounds, one run's median ratio of unchanged code moved by about 2 % from run to run,
+//!   as wide as the margin the targets are read with; three times the rounds narrow that by √3;
 //! - pgbench, for tps: ROUNDS rounds (default 7) of one pgbench run per cluster, a fixed number of
 //!   transactions per client times RUN_SCALE (default 2), each yielding tps and transactions per
 //!   second of server CPU (see `pgbench_cpu`). Runs seconds apart see the machine's load change, so
@@ -47,7 +49,7 @@ fn main() -> Result<()> {
     let scale_runs: u32 = args.next().map(|arg| arg.parse()).transpose().context("RUN_SCALE")?.unwrap_or(2);
     let rounds: usize = args.next().map(|arg| arg.parse()).transpose().context("ROUNDS")?.unwrap_or(7);
     let interleaved_rounds: usize =
-        args.next().map(|arg| arg.parse()).transpose().context("INTERLEAVED_ROUNDS")?.unwrap_or(40);
+        args.next().map(|arg| arg.parse()).transpose().context("INTERLEAVED_ROUNDS")?.unwrap_or(120);
 
     let baseline = std::env::var("BASELINE_LIBRARY").ok();
     let fifth = if baseline.is_some() { "tenant_scale, baseline build" } else { "both" };
