@@ -25,9 +25,10 @@
 //! The statics every statement reads (this module's, the statistics' and the quotas' state, the
 //! settings they check, the shared-memory roots) are placed together in one linker section,
 //! `.data.tenant_scale.per_statement`, instead of wherever the linker puts each: a statement then
-//! brings in a handful of cache lines of them rather than one or two per static. With many busy
-//! connections those lines have left the CPU caches between two statements of one backend, and
-//! each costs a trip to memory (benches/instructions counts them as L1 misses).
+//! brings in a handful of cache lines of them, in a row, rather than one or two per static
+//! (benches/instructions counts the lines that left the first-level cache as L1 misses). How much
+//! a line costs on a busy server is not settled: 16 more in a row measured as no change
+//! (benches/RESULTS.md).
 
 use std::cell::RefCell;
 use std::ffi::c_void;
